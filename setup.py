@@ -1,0 +1,39 @@
+"""artaug-ext: ArtAug (arXiv 2412.12888) for DiffSynth-Studio FLUX, with Triton kernels."""
+
+
+from setuptools import find_packages, setup
+
+triton_req = "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"
+
+setup(
+    name="artaug-ext",
+    version="0.1.0",
+    description="ArtAug synthesis-understanding interaction for FLUX.1 on DiffSynth-Studio, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["artaug_ext", "artaug_ext.*"]) + ["artaug_kernels"],
+    # The Triton kernels live in kernels/ but install as `artaug_kernels`: a top-level
+    # package named `kernels` would shadow Hugging Face's `kernels` package, which
+    # DiffSynth and transformers probe for.
+    package_dir={"artaug_kernels": "kernels"},
+    package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        triton_req,
+        "diffsynth==2.1.12",
+        "modelscope",
+        "transformers>=4.46",
+        "tokenizers>=0.20",
+        "peft",
+        "safetensors",
+        "einops",
+        "accelerate",
+        "tqdm",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest>=7", "ruff"]},
+    entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
+)
