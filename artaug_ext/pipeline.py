@@ -1,0 +1,132 @@
+"""Build DiffSynth `FluxImagePipeline`s for the models we know by name.
+
+Every model goes through DiffSynth's own `FluxImagePipeline.from_pretrained` with
+`ModelConfig(path=...)` entries (tokenizers included), so the tiny models load through
+the same hashing loader and converters as FLUX.1-dev.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+import torch
+
+from .hub import resolve_model_files
+from .registry import register
+from .tiny.build import ensure_tiny_model, model_file_paths
+from .tiny.spec import ALIASES, SPECS, get_spec
+
+logger = logging.getLogger(__name__)
+
+REAL_MODELS = {"flux-dev"}
+
+
+def known_models() -> list[str]:
+    return sorted(set(SPECS) | set(ALIASES) | REAL_MODELS)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 matmuls are slow on most CPUs; FLUX runs in bf16 on GPUs.
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+@contextlib.contextmanager
+def _diffsynth_prints_to_log():
+    """DiffSynth reports loading with print(); route it to our debug log instead of stdout."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    for line in buf.getvalue().splitlines():
+        if line.strip():
+            logger.debug("diffsynth: %s", line)
+
+
+def model_paths(model: str, model_dir: str | None = None) -> dict[str, str | list[str]]:
+    """{role: path(s)} of a known model: dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
+    if model in SPECS or model in ALIASES:
+        from .hub import model_root
+
+        folder = ensure_tiny_model(get_spec(model), model_root(model_dir))
+        return model_file_paths(folder)
+    if model == "flux-dev":
+        files = resolve_model_files("flux-dev", model_dir)
+        out: dict[str, str | list[str]] = {}
+        for role, paths in files.items():
+            out[role] = paths if role == "text_encoder_2" and len(paths) > 1 else paths[0]
+        return out
+    raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(known_models())}")
+
+
+def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: str | None = None,
+                  torch_dtype: torch.dtype | None = None):
+    """A ready `FluxImagePipeline` for `model` (`tiny`, `tiny-random` or `flux-dev`)."""
+    from diffsynth.core import ModelConfig
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+
+    register()
+    device = device or default_device()
+    torch_dtype = torch_dtype or default_dtype(device)
+    paths = model_paths(model, model_dir)
+    configs = [ModelConfig(path=paths[role]) for role in ("dit", "text_encoder", "text_encoder_2", "vae")]
+    with _diffsynth_prints_to_log():
+        pipe = FluxImagePipeline.from_pretrained(
+            torch_dtype=torch_dtype,
+            device=device,
+            model_configs=configs,
+            tokenizer_1_config=ModelConfig(path=paths["tokenizer"]),
+            tokenizer_2_config=ModelConfig(path=paths["tokenizer_2"]),
+        )
+    missing = [n for n in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder") if getattr(pipe, n) is None]
+    if missing:
+        raise RuntimeError(f"{model}: DiffSynth did not recognise the files for {missing} (see `artaug_ext.register`)")
+    pipe.artaug_model_name = model
+    pipe.artaug_model_paths = paths
+    return pipe
+
+
+def t5_sequence_length(model: str) -> int:
+    if model in SPECS or model in ALIASES:
+        return get_spec(model).t5_sequence_length
+    return 512
+
+
+def default_steps(model: str) -> int:
+    if model in SPECS or model in ALIASES:
+        return get_spec(model).default_steps
+    return 30
+
+
+def default_size(model: str) -> int:
+    if model in SPECS or model in ALIASES:
+        return get_spec(model).default_size
+    return 1024
+
+
+def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, height: int | None = None,
+             width: int | None = None, embedded_guidance: float = 3.5, progress: bool = True):
+    """One image from `pipe` with the model's defaults (what `artaug generate` runs)."""
+    from tqdm import tqdm
+
+    model = getattr(pipe, "artaug_model_name", "flux-dev")
+    size = default_size(model)
+    with _diffsynth_prints_to_log() if not progress else contextlib.nullcontext():
+        return pipe(
+            prompt=prompt,
+            seed=seed,
+            num_inference_steps=steps or default_steps(model),
+            height=height or size,
+            width=width or size,
+            embedded_guidance=embedded_guidance,
+            t5_sequence_length=t5_sequence_length(model),
+            progress_bar_cmd=tqdm if progress else (lambda x: x),
+        )
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

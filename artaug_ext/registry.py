@@ -1,0 +1,83 @@
+"""Registration of our model classes into DiffSynth's model registry.
+
+DiffSynth recognises a checkpoint by the MD5 of its safetensors header (keys and shapes)
+and looks the hash up in `diffsynth.configs.MODEL_CONFIGS`, a plain list with no
+registration API. The loader imported that list object by name, so entries must be
+appended to it in place (rebinding the name would not reach the loader), and every entry
+needs a `model_hash` because the loader reads it from every entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import diffsynth.configs
+import diffsynth.configs.vram_management_module_maps as vram_maps
+from diffsynth.core.loader.file import convert_keys_dict_to_single_str
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_artaug_ext"
+
+_FLUX_VRAM_MAPS = {
+    "artaug_ext.tiny.models.TinyFluxDiT": "diffsynth.models.flux_dit.FluxDiT",
+    "artaug_ext.tiny.models.TinyFluxTextEncoderClip": "diffsynth.models.flux_text_encoder_clip.FluxTextEncoderClip",
+    "artaug_ext.tiny.models.TinyFluxTextEncoderT5": "diffsynth.models.flux_text_encoder_t5.FluxTextEncoderT5",
+    "artaug_ext.tiny.models.TinyFluxVAEEncoder": "diffsynth.models.flux_vae.FluxVAEEncoder",
+    "artaug_ext.tiny.models.TinyFluxVAEDecoder": "diffsynth.models.flux_vae.FluxVAEDecoder",
+}
+
+
+def keys_hash(shapes: dict[str, list[int]]) -> str:
+    """DiffSynth's model hash of a file whose tensors have these keys and shapes."""
+    return hashlib.md5(convert_keys_dict_to_single_str(shapes).encode("utf-8")).hexdigest()
+
+
+def tiny_model_entries(spec) -> list[dict]:
+    """MODEL_CONFIGS entries for one tiny spec (hashes computed from shapes on `meta`)."""
+    from .tiny.build import build_modules, file_state_dicts
+
+    files = file_state_dicts(build_modules(spec, device="meta"))
+    h = {role: keys_hash({k: list(v.shape) for k, v in sd.items()}) for role, sd in files.items()}
+    m, c = "artaug_ext.tiny.models.", "artaug_ext.tiny.converters."
+    return [
+        dict(model_hash=h["dit"], model_name="flux_dit", model_class=m + "TinyFluxDiT",
+             state_dict_converter=c + "tiny_dit_converter", extra_kwargs=dict(spec.dit)),
+        dict(model_hash=h["text_encoder"], model_name="flux_text_encoder_clip", model_class=m + "TinyFluxTextEncoderClip",
+             state_dict_converter=c + "tiny_clip_converter", extra_kwargs=dict(spec.clip)),
+        dict(model_hash=h["text_encoder_2"], model_name="flux_text_encoder_t5", model_class=m + "TinyFluxTextEncoderT5",
+             state_dict_converter=c + "tiny_t5_converter", extra_kwargs=dict(spec.t5)),
+        dict(model_hash=h["vae"], model_name="flux_vae_encoder", model_class=m + "TinyFluxVAEEncoder",
+             state_dict_converter=c + "tiny_vae_encoder_converter", extra_kwargs=dict(spec.vae)),
+        dict(model_hash=h["vae"], model_name="flux_vae_decoder", model_class=m + "TinyFluxVAEDecoder",
+             state_dict_converter=c + "tiny_vae_decoder_converter", extra_kwargs=dict(spec.vae)),
+    ]
+
+
+def our_entries() -> list[dict]:
+    return [e for e in diffsynth.configs.MODEL_CONFIGS if e.get(_MARK)]
+
+
+def register() -> int:
+    """Append our entries to DiffSynth's registry (idempotent); return how many were added."""
+    from .tiny.spec import SPECS
+
+    configs = diffsynth.configs.MODEL_CONFIGS
+    present = {(e["model_hash"], e["model_name"]) for e in configs}
+    added = 0
+    for spec in SPECS.values():
+        for entry in tiny_model_entries(spec):
+            if (entry["model_hash"], entry["model_name"]) in present:
+                continue
+            entry[_MARK] = spec.name
+            configs.append(entry)  # in place: the loader holds this very list
+            present.add((entry["model_hash"], entry["model_name"]))
+            added += 1
+    module_maps = vram_maps.VRAM_MANAGEMENT_MODULE_MAPS
+    for ours, theirs in _FLUX_VRAM_MAPS.items():
+        if ours not in module_maps and theirs in module_maps:
+            module_maps[ours] = module_maps[theirs]
+    if added:
+        logger.debug("registered %d tiny-model entries into diffsynth.configs.MODEL_CONFIGS", added)
+    return added

@@ -1,0 +1,157 @@
+"""Materialise a tiny FLUX model as files laid out like the FLUX.1-dev repository.
+
+The files are what DiffSynth would download for FLUX.1-dev, only small:
+
+    {root}/artaug-ext/tiny-random/
+        flux1-dev.safetensors          DiT, BFL keys
+        ae.safetensors                 VAE encoder + decoder, BFL keys
+        text_encoder/model.safetensors CLIP text encoder, Hugging Face keys
+        text_encoder_2/model.safetensors  T5 encoder, Hugging Face keys
+        tokenizer/  tokenizer_2/       CLIP BPE and T5 Unigram tokenizers
+        artaug_tiny.json               what was built (written last: marks completion)
+
+so they load through DiffSynth's hashing loader and converters, the same path as the real
+model. Building is deterministic from the spec's seed and atomic (a temporary folder
+renamed into place), so concurrent or interrupted runs never leave a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from . import layout
+from .models import (
+    TinyFluxDiT,
+    TinyFluxTextEncoderClip,
+    TinyFluxTextEncoderT5,
+    TinyFluxVAEDecoder,
+    TinyFluxVAEEncoder,
+)
+from .spec import TinyFluxSpec
+from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+logger = logging.getLogger(__name__)
+
+MARKER = "artaug_tiny.json"
+FORMAT_VERSION = 1
+
+FILES = {
+    "dit": "flux1-dev.safetensors",
+    "vae": "ae.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+    "text_encoder_2": "text_encoder_2/model.safetensors",
+    "tokenizer": "tokenizer",
+    "tokenizer_2": "tokenizer_2",
+}
+
+
+def build_modules(spec: TinyFluxSpec, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """The spec's modules with deterministic random weights (or shapes only on `meta`)."""
+    with torch.device(device):
+        if str(device) != "meta":
+            torch.manual_seed(spec.seed)
+        return {
+            "dit": TinyFluxDiT(**spec.dit),
+            "text_encoder": TinyFluxTextEncoderClip(**spec.clip),
+            "text_encoder_2": TinyFluxTextEncoderT5(**spec.t5),
+            "vae_encoder": TinyFluxVAEEncoder(**spec.vae),
+            "vae_decoder": TinyFluxVAEDecoder(**spec.vae),
+        }
+
+
+def file_state_dicts(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """{file role: state dict with the FLUX.1-dev repository's key names}."""
+    return {
+        "dit": layout.dit_file_state_dict(modules["dit"]),
+        "vae": layout.vae_file_state_dict(modules["vae_encoder"], modules["vae_decoder"]),
+        "text_encoder": layout.clip_file_state_dict(modules["text_encoder"]),
+        "text_encoder_2": layout.t5_file_state_dict(modules["text_encoder_2"]),
+    }
+
+
+def model_folder(spec: TinyFluxSpec, root: str) -> str:
+    return os.path.join(root, spec.model_id)
+
+
+def is_complete(folder: str) -> bool:
+    marker = os.path.join(folder, MARKER)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return info.get("format_version") == FORMAT_VERSION and all(
+        os.path.exists(os.path.join(folder, rel)) for rel in FILES.values()
+    )
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, dict[str, torch.Tensor]],
+                      extra_info: dict | None = None) -> None:
+    """Write weights (fp32 unless given otherwise), tokenizers and the completion marker into `folder`."""
+    for role, state in state_dicts.items():
+        path = os.path.join(folder, FILES[role])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, metadata={"format": "pt"})
+    clip_vocab = build_clip_tokenizer(os.path.join(folder, FILES["tokenizer"]))
+    t5_vocab = build_t5_tokenizer(os.path.join(folder, FILES["tokenizer_2"]))
+    if clip_vocab > spec.clip["vocab_size"] or t5_vocab > spec.t5["vocab_size"]:
+        raise ValueError(f"tokenizer vocabularies ({clip_vocab}, {t5_vocab}) exceed the text encoders' tables")
+    info = {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "seed": spec.seed,
+        "description": spec.description,
+        "files": {role: _sha256(os.path.join(folder, FILES[role])) for role in state_dicts},
+        **(extra_info or {}),
+    }
+    with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+
+
+def ensure_tiny_model(spec: TinyFluxSpec, root: str) -> str:
+    """Return the folder of `spec`'s files under `root`, building them first if needed."""
+    folder = model_folder(spec, root)
+    if is_complete(folder):
+        return folder
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    logger.info("Building the tiny model %r in %s (once)", spec.name, folder)
+    tmp = tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent)
+    try:
+        modules = build_modules(spec)
+        write_model_files(spec, tmp, file_state_dicts(modules))
+        if os.path.exists(folder):
+            # An incomplete folder from an interrupted older build: replace it.
+            if is_complete(folder):
+                return folder
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not is_complete(folder):  # lost a race to a broken writer: surface it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_file_paths(folder: str) -> dict[str, str]:
+    return {role: os.path.join(folder, rel) for role, rel in FILES.items()}

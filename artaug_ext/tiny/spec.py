@@ -1,0 +1,54 @@
+"""Sizes of the embedded tiny FLUX models, one `TinyFluxSpec` per model name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Text encoders' embedding tables are sized above both tokenizers' vocabularies
+# (checked when the model is built), so the tokenizers can grow without changing shapes.
+TEXT_VOCAB = 2048
+
+
+@dataclass(frozen=True)
+class TinyFluxSpec:
+    """Everything that defines a tiny model's architecture (and so its files' shapes)."""
+
+    name: str
+    dit: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)
+    t5: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    seed: int = 0
+    t5_sequence_length: int = 32
+    default_steps: int = 8
+    default_size: int = 256
+    description: str = ""
+
+    @property
+    def model_id(self) -> str:
+        """Folder under the model root, laid out like a hub model id."""
+        return f"artaug-ext/{self.name}"
+
+
+TINY_RANDOM = TinyFluxSpec(
+    name="tiny-random",
+    dit=dict(dim=128, num_heads=2, num_joint_blocks=2, num_single_blocks=4, axes_dim=(8, 28, 28),
+             input_dim=64, text_dim=64, pooled_dim=32),
+    clip=dict(embed_dim=32, vocab_size=TEXT_VOCAB, max_position_embeddings=77, num_encoder_layers=2,
+              encoder_intermediate_size=64),
+    t5=dict(vocab_size=TEXT_VOCAB, d_model=64, num_layers=2, num_heads=2, d_kv=32, d_ff=128),
+    vae=dict(channels=(32, 32, 64, 64)),
+    seed=0,
+    description="FLUX.1 architecture at CPU size with random weights: its images are noise.",
+)
+
+SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM}
+# Until the trained tiny model ships, `tiny` is the random one.
+ALIASES: dict[str, str] = {"tiny": "tiny-random"}
+
+
+def get_spec(name: str) -> TinyFluxSpec:
+    name = ALIASES.get(name, name)
+    if name not in SPECS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(set(SPECS) | set(ALIASES))}")
+    return SPECS[name]
