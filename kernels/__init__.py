@@ -1,0 +1,1 @@
+from .lora_merge import LoRAMergeOverflowError, lora_merge_, lora_merge_grouped_  # noqa: F401  (no Triton import until first use)

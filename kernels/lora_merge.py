@@ -265,7 +265,7 @@ def lora_merge_grouped_(weights: Sequence[torch.Tensor],
     if len(weights) != len(factors):
         raise ValueError(f"{len(weights)} weights but {len(factors)} factor lists")
     flat = []
-    for i, (w, fs) in enumerate(zip(weights, factors)):
+    for i, (w, fs) in enumerate(zip(weights, factors, strict=True)):
         for a, b, s in fs:
             _check_layer(i, w, a, b)
             if not math.isfinite(float(s)):
@@ -276,7 +276,7 @@ def lora_merge_grouped_(weights: Sequence[torch.Tensor],
         raise ValueError(f"non-finite values (NaN/Inf) in LoRA factors of {len(bad)} tensor(s); nothing was merged")
 
     jobs = []
-    for i, (w, fs) in enumerate(zip(weights, factors)):
+    for i, (w, fs) in enumerate(zip(weights, factors, strict=True)):
         fs = [f for f in fs if float(f[2]) != 0.0 and f[0].shape[0] > 0]
         if fs and w.numel():
             jobs.append((i, w, *_prepare(fs)))
@@ -325,12 +325,15 @@ _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.floa
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
-def rounding_stats(out: torch.Tensor, exact: torch.Tensor) -> dict:
+def rounding_stats(out: torch.Tensor, exact: torch.Tensor, weight: torch.Tensor | None = None) -> dict:
     """Compare a rounded result with the exact fp64 value.
 
     misrounded: fraction of elements where a neighbouring representable value (one bit
     pattern up or down) is strictly closer to the exact value than `out` is.
-    max_ulp: largest |out - exact| in units of the spacing of `out`'s dtype at `exact`.
+    max_ulp: largest |out - exact| in units of the dtype's spacing at |exact|. Where the
+    delta nearly cancels the weight this exceeds 1 for ANY fp32-accumulating merge (the
+    fp32 error of the delta is then larger than the tiny result's spacing), so
+    max_ulp_operand measures it at max(|exact|, |weight|) too (weight: the original).
     """
     dtype = out.dtype
     bits = out.contiguous().view(_INT_VIEW[dtype])
@@ -342,12 +345,20 @@ def rounding_stats(out: torch.Tensor, exact: torch.Tensor) -> dict:
         nb = (bits + step).view(dtype).double()
         closer |= (nb - exact).abs() < err
     finite = torch.isfinite(exact) & torch.isfinite(out64)
-    misrounded = (closer & finite).sum().item() / max(1, out.numel())
-    # ulp at the exact value: 2^(exponent - mantissa bits), floored at the subnormal spacing
+    n_bad = int((closer & finite).sum().item())
     info = torch.finfo(dtype)
-    _, e = torch.frexp(exact.abs().clamp_min(info.tiny))
-    ulp = torch.ldexp(torch.ones_like(exact), (e - 1 - _MANTISSA[dtype]).to(torch.int32))
-    ulp = ulp.clamp_min(info.smallest_normal * 2.0 ** -_MANTISSA[dtype])
-    ulps = torch.where(finite, err / ulp, torch.zeros_like(err))
-    return {"misrounded": misrounded, "max_ulp": ulps.max().item() if ulps.numel() else 0.0,
-            "n": out.numel(), "n_misrounded": int((closer & finite).sum().item())}
+
+    def max_ulps(mag: torch.Tensor) -> float:
+        # spacing at mag: 2^(exponent - mantissa bits), floored at the subnormal spacing
+        _, e = torch.frexp(mag.clamp_min(info.tiny))
+        ulp = torch.ldexp(torch.ones_like(mag), (e - 1 - _MANTISSA[dtype]).to(torch.int32))
+        ulp = ulp.clamp_min(info.smallest_normal * 2.0 ** -_MANTISSA[dtype])
+        u = torch.where(finite, err / ulp, torch.zeros_like(err))
+        return u.max().item() if u.numel() else 0.0
+
+    mag = exact.abs()
+    stats = {"n": out.numel(), "n_misrounded": n_bad, "misrounded": n_bad / max(1, out.numel()),
+             "max_ulp": max_ulps(mag)}
+    if weight is not None:
+        stats["max_ulp_operand"] = max_ulps(torch.maximum(mag, weight.double().abs().to(mag.device)))
+    return stats
