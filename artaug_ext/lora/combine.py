@@ -1,0 +1,168 @@
+"""Combine LoRAs exactly, truncate them to a target rank, export them in kohya format.
+
+The exact sum of LoRAs is their concatenation along rank (`sum_i w_i B_i A_i = [w_1 B_1 ...]
+[A_1; ...]`). Truncation to rank k: QR of each factor (`B = Qb Rb`, `A^T = Qa Ra`), an SVD
+of the small core `Rb Ra^T`, keep the top k singular triplets. This is the best rank-k
+approximation of `B A` (no centring, unlike `torch.pca_lowrank`), and costs
+O((out + in) r^2) instead of an SVD of the full matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .formats import _CLIP, _KOHYA_DOUBLE, _KOHYA_GLOBAL, _KOHYA_SINGLE, parse_lora, read_lora
+
+logger = logging.getLogger(__name__)
+
+# out_features / in_features of the fused modules that row pieces land in.
+_FUSED_RATIO = {"attn.a_to_qkv": 3, "attn.b_to_qkv": 3, "to_qkv_mlp": 7, "final_norm_out.linear": 2}
+
+
+@dataclass
+class LoRALayer:
+    """`delta W = B @ A` for one whole module, in fp32, every scale folded into B."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def lora_layers(lora, alpha: float = 1.0) -> dict[str, LoRALayer]:
+    """A LoRA (path, PEFT folder, state dict) as whole-module layers keyed "component:module";
+    split q/k/v pieces become one layer on the fused module (B zero outside their rows)."""
+    if isinstance(lora, dict) and lora and all(isinstance(v, LoRALayer) for v in lora.values()):
+        return {k: LoRALayer(v.A, v.B * alpha) for k, v in lora.items()}
+    sd, meta = read_lora(lora)
+    parsed = parse_lora(sd, meta)
+    if parsed.unmapped:
+        logger.warning("%d keys map to no FLUX module and are dropped: %s", len(parsed.unmapped), parsed.unmapped[:5])
+    grouped: dict[str, list] = {}
+    for p in parsed.pieces:
+        grouped.setdefault(f"{p.component}:{p.module}", []).append(p)
+    out = {}
+    for key, pieces in grouped.items():
+        in_f = pieces[0].A.shape[1]
+        module = key.split(":", 1)[1]
+        suffix = next((s for s in _FUSED_RATIO if module.endswith(s)), None)
+        if all(p.rows is None for p in pieces):
+            out_f = pieces[0].B.shape[0]
+        else:
+            out_f = _FUSED_RATIO[suffix] * in_f
+        A = torch.cat([p.A.double() for p in pieces], dim=0)
+        B = torch.zeros(out_f, A.shape[0], dtype=torch.float64)
+        c = 0
+        for p in pieces:
+            lo = 0 if p.rows is None else p.rows[0] * in_f
+            B[lo:lo + p.B.shape[0], c:c + p.A.shape[0]] = p.B.double() * (p.scale * alpha)
+            c += p.A.shape[0]
+        out[key] = LoRALayer(A.float(), B.float())
+    return out
+
+
+def truncate_layer(layer: LoRALayer, rank: int) -> tuple[LoRALayer, float]:
+    """Best rank-`rank` approximation of B @ A; returns it and the retained energy
+    (sum of kept squared singular values / total)."""
+    A, B = layer.A.double(), layer.B.double()
+    qb, rb = torch.linalg.qr(B)  # B = qb rb
+    qa, ra = torch.linalg.qr(A.T)  # A^T = qa ra
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, int(s.numel()))
+    total = float((s ** 2).sum())
+    energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    root = s[:k].sqrt()
+    new_B = (qb @ u[:, :k]) * root
+    new_A = root[:, None] * (vh[:k] @ qa.T)
+    return LoRALayer(new_A.float(), new_B.float()), energy
+
+
+def combine_loras(loras, weights=None, *, average: bool = False, rank: int | None = None):
+    """Exact weighted sum (or weighted average) of LoRAs by rank concatenation, optionally
+    truncated to `rank`. Returns (layers, info) with info["energy"] per layer and its
+    minimum and weighted mean (when truncated)."""
+    loras = list(loras)
+    weights = [1.0] * len(loras) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(loras):
+        raise ValueError(f"{len(loras)} LoRAs but {len(weights)} weights")
+    if average:
+        total = sum(weights)
+        if total == 0:
+            raise ValueError("weights sum to zero; cannot average")
+        weights = [w / total for w in weights]
+    sets = [lora_layers(lora) for lora in loras]
+    out: dict[str, LoRALayer] = {}
+    for key in sorted(set().union(*sets)):
+        parts = [(s[key], w) for s, w in zip(sets, weights, strict=True) if key in s]
+        shapes = {(p.B.shape[0], p.A.shape[1]) for p, _ in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"{key}: the LoRAs disagree on the layer shape: {sorted(shapes)}")
+        out[key] = LoRALayer(torch.cat([p.A for p, _ in parts], dim=0),
+                             torch.cat([p.B * w for p, w in parts], dim=1))
+    info: dict = {"ranks_before": {k: v.rank for k, v in out.items()}}
+    if rank is not None:
+        energies = {}
+        for key in out:
+            if out[key].rank > rank:
+                out[key], energies[key] = truncate_layer(out[key], rank)
+            else:
+                energies[key] = 1.0
+        info["energy"] = energies
+        info["min_energy"] = min(energies.values()) if energies else 1.0
+        logger.info("truncated to rank %d: retained energy min %.6f", rank, info["min_energy"])
+    return out, info
+
+
+# --- export -------------------------------------------------------------------------------
+
+_INV_DOUBLE = {v: k for k, v in _KOHYA_DOUBLE.items()}
+_INV_SINGLE = {v: k for k, v in _KOHYA_SINGLE.items()}
+_INV_GLOBAL = {v: k for k, v in _KOHYA_GLOBAL.items()}
+_INV_CLIP = {v: k for k, v in _CLIP.items()}
+
+
+def kohya_name(key: str) -> str:
+    """"dit:blocks.0.attn.a_to_qkv" -> "lora_unet_double_blocks_0_img_attn_qkv"."""
+    comp, module = key.split(":", 1)
+    parts = module.split(".")
+    if comp == "te1" and parts[0] == "encoders":
+        return f"lora_te1_text_model_encoder_layers_{parts[1]}_{_INV_CLIP['.'.join(parts[2:])]}"
+    if comp == "dit":
+        if parts[0] == "blocks":
+            return f"lora_unet_double_blocks_{parts[1]}_{_INV_DOUBLE['.'.join(parts[2:])]}"
+        if parts[0] == "single_blocks":
+            return f"lora_unet_single_blocks_{parts[1]}_{_INV_SINGLE['.'.join(parts[2:])]}"
+        if module in _INV_GLOBAL:
+            return f"lora_unet_{_INV_GLOBAL[module]}"
+    raise KeyError(f"no kohya name for {key}")
+
+
+def kohya_state_dict(layers: dict[str, LoRALayer], dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """kohya keys with `.alpha` = rank, so each layer's alpha / rank is 1 and every loader
+    (DiffSynth's one-alpha-per-file guess included) reads the scale right."""
+    sd = {}
+    for key, layer in layers.items():
+        name = kohya_name(key)
+        sd[f"{name}.lora_down.weight"] = layer.A.to(dtype).contiguous()
+        sd[f"{name}.lora_up.weight"] = layer.B.to(dtype).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=dtype)
+    return sd
+
+
+def save_kohya(layers: dict[str, LoRALayer], path: str, metadata: dict | None = None, dtype=torch.bfloat16) -> str:
+    """Write a kohya / "universal FLUX" LoRA safetensors file (loads in DiffSynth, ComfyUI,
+    diffusers)."""
+    from safetensors.torch import save_file
+
+    ranks = sorted({layer.rank for layer in layers.values()})
+    meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(max(ranks) if ranks else 0),
+            "ss_network_alpha": str(max(ranks) if ranks else 0), "artaug_ranks": json.dumps(ranks)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(kohya_state_dict(layers, dtype), path, metadata=meta)
+    return path

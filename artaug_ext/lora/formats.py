@@ -1,0 +1,328 @@
+"""Read FLUX LoRA files and map their keys onto DiffSynth's FLUX module names.
+
+Formats: kohya / "universal FLUX" (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
+`.alpha`), CLIP text-encoder keys (`lora_te1_...`), diffusers / PEFT
+(`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`; split q/k/v land on row ranges
+of the fused qkv weight, so a LoRA with only q and v is exact), DiffSynth's training output
+(`blocks.0.attn.a_to_qkv.lora_A.default.weight`), `diffusion_model.` prefixes, BFL dotted
+names and XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`).
+
+The key tables were written against diffsynth 2.1.12's module tree (FluxDiT, the CLIP
+encoder) and its state-dict converters; DiffSynth's own LoRA converter is not used
+(it rescales the caller's tensors in place and fails on q/v-only LoRAs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAFormatError(ValueError):
+    """A LoRA whose keys or shapes do not fit the target."""
+
+
+class UnsupportedLoRAError(LoRAFormatError):
+    """A LyCORIS / DoRA / full-diff file: recognised, but not a plain LoRA."""
+
+
+@dataclass
+class LoRAPiece:
+    """One low-rank update: rows `rows` (in units of the module's in_features, None = all)
+    of `component`'s module `module` get `scale * B @ A`."""
+
+    component: str  # "dit" or "te1"
+    module: str  # DiffSynth module name
+    rows: tuple[int, int] | None
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [rows, r]
+    scale: float  # layer_alpha / rank (the user's alpha is applied on top)
+    source: str  # the key prefix in the file, for messages
+
+
+@dataclass
+class ParsedLoRA:
+    pieces: list[LoRAPiece]
+    unmapped: list[str] = field(default_factory=list)  # keys that map to nothing
+    formats: set[str] = field(default_factory=set)
+    metadata: dict = field(default_factory=dict)
+
+
+# --- key tables ------------------------------------------------------------------------
+
+# BFL / kohya names (dots of the BFL form become underscores) -> DiffSynth names.
+_KOHYA_DOUBLE = {
+    "img_attn_qkv": "attn.a_to_qkv", "txt_attn_qkv": "attn.b_to_qkv",
+    "img_attn_proj": "attn.a_to_out", "txt_attn_proj": "attn.b_to_out",
+    "img_mlp_0": "ff_a.0", "img_mlp_2": "ff_a.2", "txt_mlp_0": "ff_b.0", "txt_mlp_2": "ff_b.2",
+    "img_mod_lin": "norm1_a.linear", "txt_mod_lin": "norm1_b.linear",
+}
+_KOHYA_SINGLE = {"linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation_lin": "norm.linear"}
+_KOHYA_GLOBAL = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_embedder.timestep_embedder.0",
+    "time_in_out_layer": "time_embedder.timestep_embedder.2",
+    "vector_in_in_layer": "pooled_text_embedder.0", "vector_in_out_layer": "pooled_text_embedder.2",
+    "guidance_in_in_layer": "guidance_embedder.timestep_embedder.0",
+    "guidance_in_out_layer": "guidance_embedder.timestep_embedder.2",
+    "final_layer_linear": "final_proj_out",
+    # BFL's final modulation is (shift, scale), the same order as DiffSynth's.
+    "final_layer_adaLN_modulation_1": "final_norm_out.linear",
+}
+# XLabs attention processors (double blocks): lora1 = image stream, lora2 = text stream.
+_XLABS_DOUBLE = {"qkv_lora1": "attn.a_to_qkv", "qkv_lora2": "attn.b_to_qkv",
+                 "proj_lora1": "attn.a_to_out", "proj_lora2": "attn.b_to_out"}
+# diffusers names -> (DiffSynth module, rows in units of in_features or None)
+_DIFFUSERS_DOUBLE = {
+    "attn.to_q": ("attn.a_to_qkv", (0, 1)), "attn.to_k": ("attn.a_to_qkv", (1, 2)),
+    "attn.to_v": ("attn.a_to_qkv", (2, 3)),
+    "attn.add_q_proj": ("attn.b_to_qkv", (0, 1)), "attn.add_k_proj": ("attn.b_to_qkv", (1, 2)),
+    "attn.add_v_proj": ("attn.b_to_qkv", (2, 3)),
+    "attn.to_out.0": ("attn.a_to_out", None), "attn.to_add_out": ("attn.b_to_out", None),
+    "ff.net.0.proj": ("ff_a.0", None), "ff.net.2": ("ff_a.2", None),
+    "ff_context.net.0.proj": ("ff_b.0", None), "ff_context.net.2": ("ff_b.2", None),
+    "norm1.linear": ("norm1_a.linear", None), "norm1_context.linear": ("norm1_b.linear", None),
+}
+_DIFFUSERS_SINGLE = {
+    "attn.to_q": ("to_qkv_mlp", (0, 1)), "attn.to_k": ("to_qkv_mlp", (1, 2)),
+    "attn.to_v": ("to_qkv_mlp", (2, 3)), "proj_mlp": ("to_qkv_mlp", (3, 7)),
+    "proj_out": ("proj_out", None), "norm.linear": ("norm.linear", None),
+}
+_DIFFUSERS_GLOBAL = {
+    "x_embedder": "x_embedder", "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "time_embedder.timestep_embedder.0",
+    "time_text_embed.timestep_embedder.linear_2": "time_embedder.timestep_embedder.2",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_embedder.timestep_embedder.0",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_embedder.timestep_embedder.2",
+    "time_text_embed.text_embedder.linear_1": "pooled_text_embedder.0",
+    "time_text_embed.text_embedder.linear_2": "pooled_text_embedder.2",
+    "proj_out": "final_proj_out",
+    # diffusers' final modulation is (scale, shift): its halves are swapped (see _pieces_for).
+    "norm_out.linear": "final_norm_out.linear",
+}
+_DIFFSYNTH_GLOBAL = set(_KOHYA_GLOBAL.values())
+_DIFFSYNTH_DOUBLE = set(_KOHYA_DOUBLE.values())
+_DIFFSYNTH_SINGLE = set(_KOHYA_SINGLE.values())
+_CLIP = {"self_attn_q_proj": "attn.to_q", "self_attn_k_proj": "attn.to_k", "self_attn_v_proj": "attn.to_v",
+         "self_attn_out_proj": "attn.to_out", "mlp_fc1": "fc1", "mlp_fc2": "fc2"}
+_CLIP_NATIVE = set(_CLIP.values())
+
+_SUFFIXES = [
+    (re.compile(r"\.lora_down\.weight$"), "A"), (re.compile(r"\.lora_up\.weight$"), "B"),
+    (re.compile(r"\.lora_A(\.[^.]+)?\.weight$"), "A"), (re.compile(r"\.lora_B(\.[^.]+)?\.weight$"), "B"),
+    (re.compile(r"\.down\.weight$"), "A"), (re.compile(r"\.up\.weight$"), "B"),
+    (re.compile(r"\.alpha$"), "alpha"),
+]
+_LYCORIS = [
+    ("lokr_", "a LyCORIS LoKr file"), ("hada_", "a LyCORIS LoHa file"),
+    ("dora_scale", "a DoRA file"), ("lora_magnitude_vector", "a DoRA file"),
+    ("lora_mid", "a LyCORIS LoCon (Tucker) file"), (".diff_b", "a full-weight diff file"),
+    (".diff", "a full-weight diff file"), ("oft_", "an OFT file"), ("ia3_", "an IA3 file"),
+]
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    for pattern, kind in _SUFFIXES:
+        m = pattern.search(key)
+        if m:
+            return key[:m.start()], kind
+    return key, None
+
+
+def _strip_prefix(base: str) -> tuple[str, str]:
+    """-> (family, rest): family in kohya_unet, te1, t5, plain."""
+    for prefix, family in (("lora_unet_", "kohya_unet"), ("lora_te1_", "te1"), ("lora_te_", "te1"),
+                           ("lora_te2_", "t5"), ("lora_te3_", "t5")):
+        if base.startswith(prefix):
+            return family, base[len(prefix):]
+    for prefix in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet."):
+        if base.startswith(prefix):
+            base = base[len(prefix):]
+    if base.startswith("text_encoder."):
+        return "te1", base[len("text_encoder."):].replace(".", "_")
+    if base.startswith("text_encoder_2."):
+        return "t5", base
+    if base.startswith("text_model."):
+        return "te1", base.replace(".", "_")
+    return "plain", base
+
+
+def map_key(base: str) -> tuple[str, str, str, tuple[int, int] | None, bool] | None:
+    """Map a LoRA key prefix to (format, component, module, rows, swap_halves), or None."""
+    family, rest = _strip_prefix(base)
+    if family == "te1":
+        if rest.startswith("text_model_"):
+            rest = rest[len("text_model_"):]
+        m = re.fullmatch(r"encoder_layers_(\d+)_(\w+)", rest)
+        if m and m.group(2) in _CLIP:
+            return "kohya-te1", "te1", f"encoders.{m.group(1)}.{_CLIP[m.group(2)]}", None, False
+        return None
+    if family == "t5":
+        return None
+    if family == "plain":
+        # XLabs processors
+        m = re.fullmatch(r"double_blocks\.(\d+)\.processor\.(\w+)", rest)
+        if m:
+            if m.group(2) in _XLABS_DOUBLE:
+                return "xlabs", "dit", f"blocks.{m.group(1)}.{_XLABS_DOUBLE[m.group(2)]}", None, False
+            return None
+        # diffusers
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", rest)
+        if m:
+            hit = _DIFFUSERS_DOUBLE.get(m.group(2))
+            return ("diffusers", "dit", f"blocks.{m.group(1)}.{hit[0]}", hit[1], False) if hit else None
+        m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", rest)
+        if m:
+            hit = _DIFFUSERS_SINGLE.get(m.group(2))
+            return ("diffusers", "dit", f"single_blocks.{m.group(1)}.{hit[0]}", hit[1], False) if hit else None
+        if rest in _DIFFUSERS_GLOBAL:
+            return "diffusers", "dit", _DIFFUSERS_GLOBAL[rest], None, rest == "norm_out.linear"
+        # DiffSynth's own names (training output, PEFT on a DiffSynth model)
+        m = re.fullmatch(r"(blocks|single_blocks)\.(\d+)\.(.+)", rest)
+        if m:
+            table = _DIFFSYNTH_DOUBLE if m.group(1) == "blocks" else _DIFFSYNTH_SINGLE
+            if m.group(3) in table:
+                return "diffsynth", "dit", rest, None, False
+        if rest in _DIFFSYNTH_GLOBAL:
+            return "diffsynth", "dit", rest, None, False
+        m = re.fullmatch(r"encoders\.(\d+)\.(.+)", rest)
+        if m and m.group(2) in _CLIP_NATIVE:
+            return "diffsynth", "te1", rest, None, False
+        # BFL dotted names: same table as kohya
+        if re.match(r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\b", rest):
+            hit = _map_kohya_unet(rest.replace(".", "_"))
+            return ("bfl",) + hit[1:] if hit else None
+        return None
+    return _map_kohya_unet(rest)
+
+
+def _map_kohya_unet(rest: str):
+    m = re.fullmatch(r"double_blocks_(\d+)_(\w+)", rest)
+    if m:
+        mod = _KOHYA_DOUBLE.get(m.group(2))
+        return ("kohya", "dit", f"blocks.{m.group(1)}.{mod}", None, False) if mod else None
+    m = re.fullmatch(r"single_blocks_(\d+)_(\w+)", rest)
+    if m:
+        mod = _KOHYA_SINGLE.get(m.group(2))
+        return ("kohya", "dit", f"single_blocks.{m.group(1)}.{mod}", None, False) if mod else None
+    if rest in _KOHYA_GLOBAL:
+        return "kohya", "dit", _KOHYA_GLOBAL[rest], None, False
+    return None
+
+
+# --- reading ----------------------------------------------------------------------------
+
+def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) from a state dict, a .safetensors/.pt file or a PEFT folder.
+    A state dict given by the caller is never modified."""
+    if isinstance(source, dict):
+        return dict(source), {}
+    path = os.fspath(source)
+    meta: dict = {}
+    if os.path.isdir(path):
+        cfg = os.path.join(path, "adapter_config.json")
+        if os.path.exists(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                meta["peft_config"] = json.load(f)
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if len(files) != 1:
+                raise FileNotFoundError(f"{source}: expected adapter_model.safetensors or exactly one .safetensors file, found {files}")
+            path = os.path.join(path, files[0])
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta.update(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd, meta
+
+
+def _refuse_lycoris(keys) -> None:
+    for needle, what in _LYCORIS:
+        hits = [k for k in keys if needle in k]
+        if hits:
+            raise UnsupportedLoRAError(f"this is {what}, not supported yet ({len(hits)} such keys, e.g. {hits[0]!r})")
+
+
+def _peft_alpha(cfg: dict, base: str) -> float | None:
+    if not cfg:
+        return None
+    alpha = cfg.get("lora_alpha")
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if base.endswith(pattern) or re.search(pattern, base):
+            alpha = value
+    return None if alpha is None else float(alpha)
+
+
+def parse_lora(state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> ParsedLoRA:
+    """Map every LoRA key to pieces on DiffSynth modules; keys that map to nothing are
+    listed in `unmapped` (the caller decides whether that is an error)."""
+    metadata = metadata or {}
+    _refuse_lycoris(state_dict.keys())
+    peft_cfg = metadata.get("peft_config") or {}
+    if peft_cfg.get("use_dora"):
+        raise UnsupportedLoRAError("this is a DoRA file (adapter_config.json use_dora=true), not supported yet")
+    rslora = bool(peft_cfg.get("use_rslora"))
+    meta_alpha = metadata.get("ss_network_alpha")
+    meta_alpha = float(meta_alpha) if meta_alpha not in (None, "", "None") else None
+
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unmapped = []
+    for key, value in state_dict.items():
+        base, kind = _split_key(key)
+        if kind is None:
+            unmapped.append(key)
+            continue
+        groups.setdefault(base, {})[kind] = (key, value)
+
+    parsed = ParsedLoRA(pieces=[], metadata=metadata)
+    for base, parts in groups.items():
+        if "A" not in parts or "B" not in parts:
+            if set(parts) != {"alpha"}:
+                unmapped.extend(k for k, _ in parts.values())
+            continue
+        hit = map_key(base)
+        if hit is None:
+            unmapped.extend(k for k, _ in parts.values())
+            continue
+        fmt, component, module, rows, swap = hit
+        A, B = parts["A"][1], parts["B"][1]
+        if A.dim() == 4 and A.shape[2:] == (1, 1):
+            A, B = A.flatten(1), B.flatten(1)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise LoRAFormatError(f"{base}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a rank-r pair")
+        rank = A.shape[0]
+        if "alpha" in parts:
+            layer_alpha = float(parts["alpha"][1].float().item())
+        else:
+            layer_alpha = _peft_alpha(peft_cfg, base)
+            if layer_alpha is None:
+                layer_alpha = meta_alpha
+        if layer_alpha is None:
+            scale = 1.0
+        else:
+            scale = layer_alpha / (math.sqrt(rank) if rslora else rank)
+        parsed.formats.add(fmt)
+        if swap:
+            h = B.shape[0] // 2
+            parsed.pieces.append(LoRAPiece(component, module, (0, 1), A, B[h:], scale, base))
+            parsed.pieces.append(LoRAPiece(component, module, (1, 2), A, B[:h], scale, base))
+        else:
+            parsed.pieces.append(LoRAPiece(component, module, rows, A, B, scale, base))
+    parsed.unmapped = sorted(unmapped)
+    return parsed
