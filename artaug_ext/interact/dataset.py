@@ -1,0 +1,421 @@
+"""Resumable pair datasets: generate -> critique -> enhance -> score -> keep, one item at a time.
+
+A run folder holds
+
+    run.json                      the settings and the model/LoRA sha256 (a resume must match)
+    images/{id}.original.png      the original image of each item
+    images/{id}.enhanced.png      the enhanced image (when the critic had suggestions)
+    pictures/{id}.png             side-by-side picture of each kept pair
+    shards/manifest-rank{r}-of-{w}.jsonl   one JSON line per finished item, per rank
+    manifest.jsonl                all shards merged, ordered by item
+
+Every file is written atomically (temporary file, fsync, rename) and an item's manifest line is
+appended last, so a run killed at any point and started again skips finished items, redoes the
+one in flight and ends byte-identical to an uninterrupted run (no timestamps in any file).
+A torn last manifest line (killed mid-append) is cut off on restart.
+
+Multi-GPU: under `accelerate launch` or `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK), prompts are
+sharded by `prompt_index % world_size`; each rank writes its own shard and the last rank to
+finish merges them. `merge_manifests` and `export_pairs` also run on their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+
+from .enhance import DEFAULT_REGION_SCALE, enhance
+from .parse import ParseResult
+from .pictures import pair_picture
+from .scorers import FilterConfig, keep_pair
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = 1
+_HOOK_COUNTS: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------------------- files
+
+def _test_hook(event: str) -> None:
+    """Test hook: ARTAUG_INTERACT_PAUSE_AT="event:n" pauses (forever, until killed) at the n-th
+    `event` of this process after touching ARTAUG_INTERACT_PAUSE_FILE, so a test can SIGKILL the
+    run at an exact point (events: item, png, manifest)."""
+    spec = os.environ.get("ARTAUG_INTERACT_PAUSE_AT")
+    if not spec:
+        return
+    name, _, count = spec.partition(":")
+    if name != event:
+        return
+    _HOOK_COUNTS[event] = _HOOK_COUNTS.get(event, 0) + 1
+    if _HOOK_COUNTS[event] == int(count or 1):
+        marker = os.environ.get("ARTAUG_INTERACT_PAUSE_FILE")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(event)
+        while True:
+            time.sleep(1)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent/old or complete, never partial."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        half = len(data) // 2
+        f.write(data[:half])
+        if path.endswith(".png"):
+            f.flush()
+            _test_hook("png")
+        f.write(data[half:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _json_line(record: dict) -> bytes:
+    return (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def append_line(path: str, record: dict) -> None:
+    """Append one manifest line and fsync it (a torn line is repaired by `read_manifest`)."""
+    data = _json_line(record)
+    with open(path, "ab") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        _test_hook("manifest")
+        f.write(data[len(data) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(path: str, repair: bool = False) -> list[dict]:
+    """Records of a JSONL manifest; a torn last line (no newline) is ignored, or cut off if `repair`."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - end)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_path(path: str) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
+    if os.path.isfile(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            h.update(os.path.relpath(p, path).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one a line; blank lines and #comments skipped) or JSONL {"prompt": ...}."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts {path}: no such file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    line = json.loads(line)["prompt"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"--prompts {path}:{n}: expected a JSON object with a \"prompt\"") from None
+            prompts.append(str(line))
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by torchrun / accelerate launch, else (0, 1, 0)."""
+    rank = int(os.environ.get("RANK", os.environ.get("PMI_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local
+
+
+# ---------------------------------------------------------------------------- run
+
+@dataclass
+class InteractConfig:
+    """Everything that defines a run's output (device and progress excluded)."""
+
+    prompts: list[str]
+    model: str = "tiny"
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    critic: str = "heuristic"
+    critic_options: dict = field(default_factory=dict)
+    scorer: str = "heuristic"
+    images_per_prompt: int = 1
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    region_scale: float = DEFAULT_REGION_SCALE
+    guidance: float = 3.5
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    pictures: bool = True
+
+
+def item_id(prompt_index: int, image_index: int) -> str:
+    return f"{prompt_index:05d}-{image_index:02d}"
+
+
+def _settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict]) -> dict:
+    d = asdict(cfg)
+    d["filter"] = cfg.filter.to_dict()
+    d["critic_options"] = {k: v for k, v in sorted(cfg.critic_options.items()) if "key" not in k.lower()}
+    d["loras"] = lora_sha
+    d["model_sha256"] = model_sha
+    d["format"] = RUN_FORMAT
+    return d
+
+
+def _check_run_json(run_dir: str, settings: dict) -> None:
+    path = os.path.join(run_dir, "run.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"--out {run_dir} holds a run with other settings ({k}: {str(old.get(k))[:80]} -> "
+                             f"{str(settings.get(k))[:80]}); resume with the same settings or use a new --out")
+        return
+    atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def shard_path(run_dir: str, rank: int, world: int) -> str:
+    return os.path.join(run_dir, "shards", f"manifest-rank{rank:05d}-of-{world:05d}.jsonl")
+
+
+def finished_ids(run_dir: str) -> set[str]:
+    done = set()
+    for p in glob.glob(os.path.join(run_dir, "shards", "manifest-rank*.jsonl")):
+        done.update(r["id"] for r in read_manifest(p))
+    return done
+
+
+def merge_manifests(run_dir: str) -> int:
+    """Merge every shard into manifest.jsonl (ordered by item, one line per item); returns lines."""
+    records = {}
+    for p in sorted(glob.glob(os.path.join(run_dir, "shards", "manifest-rank*.jsonl"))):
+        for r in read_manifest(p):
+            records.setdefault(r["id"], r)
+    ordered = [records[k] for k in sorted(records)]
+    atomic_write_bytes(os.path.join(run_dir, "manifest.jsonl"), b"".join(_json_line(r) for r in ordered))
+    return len(ordered)
+
+
+def _all_ranks_done(run_dir: str, world: int) -> bool:
+    return all(os.path.exists(os.path.join(run_dir, "shards", f"done-rank{r:05d}-of-{world:05d}")) for r in range(world))
+
+
+class InteractRun:
+    """One rank's share of a run; `run()` processes its unfinished items in order."""
+
+    def __init__(self, cfg: InteractConfig, run_dir: str, *, pipe=None, critic=None, scorer=None,
+                 model_dir: str | None = None, device: str | None = None, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, os.path.abspath(run_dir), progress
+        self.rank, self.world, local = dist_info()
+        if device is None and self.world > 1:
+            import torch
+
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        from ..pipeline import default_size, default_steps, load_pipeline, t5_sequence_length
+
+        self.steps = cfg.steps or default_steps(cfg.model)
+        self.height = cfg.height or default_size(cfg.model)
+        self.width = cfg.width or default_size(cfg.model)
+        self.t5_len = t5_sequence_length(cfg.model)
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
+            for path, alpha in cfg.loras:
+                pipe.load_lora(pipe.dit, path, alpha=alpha)
+        self.pipe = pipe
+        if critic is None:
+            from .critics import make_critic
+
+            critic = make_critic(cfg.critic, **dict(cfg.critic_options))
+        self.critic = critic
+        if scorer is None:
+            from .scorers import make_scorer
+
+            scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device)
+        self.scorer = scorer
+        paths = getattr(pipe, "artaug_model_paths", {}) or {}
+        self.model_sha = {role: sha256_path(p) for role, p in sorted(paths.items()) if isinstance(p, str)}
+        self.lora_sha = [{"path": os.path.basename(p), "alpha": a, "sha256": sha256_file(p)} for p, a in cfg.loras]
+
+    def items(self) -> list[tuple[int, int]]:
+        n = self.cfg.images_per_prompt
+        return [(p, i) for p in range(len(self.cfg.prompts)) if p % self.world == self.rank for i in range(n)]
+
+    def _cleanup_tmp(self, ids: list[str]) -> None:
+        for i in ids:
+            for p in glob.glob(os.path.join(self.run_dir, "*", f"{i}*.tmp")):
+                os.remove(p)
+
+    def process(self, prompt_index: int, image_index: int) -> dict:
+        cfg, pipe = self.cfg, self.pipe
+        prompt = cfg.prompts[prompt_index]
+        iid = item_id(prompt_index, image_index)
+        seed = cfg.seed + prompt_index * cfg.images_per_prompt + image_index
+        common = dict(seed=seed, steps=self.steps, height=self.height, width=self.width, t5_sequence_length=self.t5_len,
+                      embedded_guidance=cfg.guidance)
+        original = enhance(pipe, prompt, [], **common)  # no regions: a plain generation
+        rel_orig = f"images/{iid}.original.png"
+        atomic_write_bytes(os.path.join(self.run_dir, rel_orig), png_bytes(original))
+        critique = self.critic.critique(original, prompt)
+        if not isinstance(critique, ParseResult):
+            raise TypeError(f"critic {cfg.critic} returned {type(critique).__name__}, not ParseResult")
+        record = {
+            "id": iid, "prompt_index": prompt_index, "image_index": image_index, "prompt": prompt, "seed": seed,
+            "model": cfg.model, "model_sha256": self.model_sha, "loras": self.lora_sha, "steps": self.steps,
+            "height": self.height, "width": self.width, "critic": cfg.critic,
+            "suggestions": [s.to_dict() for s in critique.suggestions], "critic_reason": critique.reason,
+            "original": rel_orig, "enhanced": None, "picture": None, "scores": {}, "gain": None, "kept": False,
+        }
+        if not critique.suggestions:
+            record["why"] = f"no suggestions: {critique.reason}"
+            return record
+        enhanced = enhance(pipe, prompt, critique.suggestions, scale=cfg.region_scale, **common)
+        rel_enh = f"images/{iid}.enhanced.png"
+        atomic_write_bytes(os.path.join(self.run_dir, rel_enh), png_bytes(enhanced))
+        s_orig, s_enh = self.scorer.score([original, enhanced], prompt)
+        kept, why, gain = keep_pair(s_orig, s_enh, self.scorer, cfg.filter)
+        record.update(enhanced=rel_enh, scores={"original": s_orig, "enhanced": s_enh},
+                      gain=round(gain, 6) if math.isfinite(gain) else None, kept=kept, why=why)
+        if kept and cfg.pictures:
+            rel_pic = f"pictures/{iid}.png"
+            pic = pair_picture(original, enhanced, critique.suggestions, prompt)
+            atomic_write_bytes(os.path.join(self.run_dir, rel_pic), png_bytes(pic))
+            record["picture"] = rel_pic
+        return record
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        os.makedirs(os.path.join(self.run_dir, "shards"), exist_ok=True)
+        _check_run_json(self.run_dir, _settings(self.cfg, self.model_sha, self.lora_sha))
+        shard = shard_path(self.run_dir, self.rank, self.world)
+        read_manifest(shard, repair=True)
+        done = finished_ids(self.run_dir)
+        mine = self.items()
+        todo = [it for it in mine if item_id(*it) not in done]
+        self._cleanup_tmp([item_id(*it) for it in todo])
+        if done & {item_id(*it) for it in mine}:
+            logger.info("resuming: %d of %d items already done", len(mine) - len(todo), len(mine))
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", desc=f"interact rank {self.rank}",
+                   disable=not self.progress)
+        for p, i in todo:
+            _test_hook("item")
+            record = self.process(p, i)
+            append_line(shard, record)
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        atomic_write_bytes(os.path.join(self.run_dir, "shards", f"done-rank{self.rank:05d}-of-{self.world:05d}"), b"done\n")
+        merged = merge_manifests(self.run_dir) if _all_ranks_done(self.run_dir, self.world) else None
+        stats = summarize(self.run_dir, self.scorer.quality_keys if self.scorer else ())
+        stats.update(processed=len(todo), seconds=round(seconds, 3), merged=merged)
+        return stats
+
+
+def summarize(run_dir: str, quality_keys=()) -> dict:
+    """Counts over all shards: items, enhanced, kept, and how often the enhanced image scored higher."""
+    records = []
+    for p in sorted(glob.glob(os.path.join(run_dir, "shards", "manifest-rank*.jsonl"))):
+        records += read_manifest(p)
+    enhanced = [r for r in records if r.get("enhanced")]
+    prefer = 0
+    for r in enhanced:
+        keys = list(quality_keys) or [k for k in r["scores"]["original"] if k in ("quality", "aesthetic", "pickscore")]
+        if keys and all(r["scores"]["enhanced"][k] > r["scores"]["original"][k] for k in keys):
+            prefer += 1
+    return {"items": len(records), "enhanced": len(enhanced), "kept": sum(bool(r.get("kept")) for r in records),
+            "enhanced_preferred": prefer,
+            "preference_rate": round(prefer / len(enhanced), 4) if enhanced else None}
+
+
+def run_interact(cfg: InteractConfig, run_dir: str, **kwargs) -> dict:
+    """Run (or resume) this rank's share of a pair dataset; returns counts and seconds."""
+    return InteractRun(cfg, run_dir, **kwargs).run()
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_pairs(run_dir: str, out_dir: str, keep_fraction: float = 1.0, link: bool = True) -> int:
+    """Kept pairs in the layout DiffSynth's trainer reads: `{out}/original/` and `{out}/enhanced/`,
+    each with the images and `metadata.csv` / `metadata.jsonl` (columns `image`, `prompt`).
+
+    `keep_fraction` < 1 keeps only the best share of kept pairs by quality gain. Returns the count.
+    """
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep fraction {keep_fraction} must be in (0, 1]")
+    merge_manifests(run_dir)
+    kept = [r for r in read_manifest(os.path.join(run_dir, "manifest.jsonl")) if r.get("kept") and r.get("enhanced")]
+    kept.sort(key=lambda r: (-(r.get("gain") or 0.0), r["id"]))
+    kept = sorted(kept[: math.ceil(len(kept) * keep_fraction)], key=lambda r: r["id"])
+    for which in ("original", "enhanced"):
+        folder = os.path.join(out_dir, which)
+        os.makedirs(folder, exist_ok=True)
+        rows = []
+        for r in kept:
+            name = os.path.basename(r[which])
+            src, dst = os.path.join(run_dir, r[which]), os.path.join(folder, name)
+            if not os.path.exists(dst):
+                try:
+                    if not link:
+                        raise OSError
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            rows.append({"image": name, "prompt": r["prompt"]})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["image", "prompt"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(os.path.join(folder, "metadata.csv"), buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(os.path.join(folder, "metadata.jsonl"), b"".join(_json_line(r) for r in rows))
+    return len(kept)

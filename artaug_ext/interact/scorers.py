@@ -1,0 +1,198 @@
+"""Scoring original and enhanced images, and the rule that keeps a pair.
+
+A scorer maps (images, prompt) to one dict of named scores per image. Each scorer says which
+of its scores measure quality (higher is better; the pair must win on them by a margin) and
+which measure text alignment (must not drop). Backends:
+
+- `heuristic`: offline, no weights; see `HeuristicScorer` for what it does and does not measure.
+- `aesthetic`, `pickscore`, `clip`: DiffSynth's `diffsynth.metrics` with weights from
+  ModelScope `DiffSynth-Studio/ImageMetrics` through our hub layer (one subfolder each;
+  `artaug download image-metrics --files Aesthetic/` to prefetch).
+- several at once: "aesthetic+pickscore+clip" (the paper's filter).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .critics import _PALETTE, EXPOSURE_BAND, MIN_CONTRAST, MIN_SATURATION, SHARPNESS_BAND, region_stats
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("heuristic", "aesthetic", "pickscore", "clip")
+
+
+class Scorer:
+    """Interface: `score(images, prompt) -> [{name: value}]`, plus which names mean what."""
+
+    name = "scorer"
+    quality_keys: tuple[str, ...] = ()
+    alignment_keys: tuple[str, ...] = ()
+
+    def score(self, images: list[Image.Image], prompt: str) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"scorer": self.name, "quality": list(self.quality_keys), "alignment": list(self.alignment_keys)}
+
+
+class HeuristicScorer(Scorer):
+    """Offline stand-in for aesthetic and CLIP scores, from pixel statistics only.
+
+    `quality` (0..1) rewards each 3x3 cell for being inside the heuristic critic's targets
+    (exposure band, contrast, saturation, sharpness band) and averages the cells, so it agrees
+    with the heuristic critic by construction: use it to test the loop, not to judge art.
+    `colour_match` (0..1) is a crude text alignment: the share of colour words of the prompt
+    whose colour covers at least 2% of the pixels.
+    """
+
+    name = "heuristic"
+    quality_keys = ("quality",)
+    alignment_keys = ("colour_match",)
+
+    @staticmethod
+    def _cell_quality(st: dict) -> float:
+        def band(v, lo, hi, width):
+            d = lo - v if v < lo else (v - hi if v > hi else 0.0)
+            return max(0.0, 1.0 - d / width)
+
+        terms = [band(st["exposure"], *EXPOSURE_BAND, 0.3), band(st["contrast"], MIN_CONTRAST, 1.0, MIN_CONTRAST),
+                 band(st["saturation"], MIN_SATURATION, 1.0, MIN_SATURATION),
+                 band(st["sharpness"], *SHARPNESS_BAND, 0.3)]
+        return float(np.mean(terms))
+
+    def quality(self, image: Image.Image) -> float:
+        px = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+        h, w = px.shape[:2]
+        cells = [px[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3] for r in range(3) for c in range(3)]
+        return float(np.mean([self._cell_quality(region_stats(c)) for c in cells if c.size]))
+
+    @staticmethod
+    def colour_match(image: Image.Image, prompt: str) -> float:
+        words = [w.strip(".,;:!?").lower() for w in prompt.split()]
+        wanted = [w for w in dict.fromkeys(words) if w in _PALETTE]
+        if not wanted:
+            return 1.0
+        px = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float64).reshape(-1, 1, 3)
+        names = list(_PALETTE)
+        palette = np.array([_PALETTE[n] for n in names], dtype=np.float64).reshape(1, -1, 3)
+        nearest = ((px - palette) ** 2).sum(-1).argmin(1)
+        share = {n: float((nearest == i).mean()) for i, n in enumerate(names)}
+        return float(np.mean([share[w] >= 0.02 for w in wanted]))
+
+    def score(self, images, prompt):
+        return [{"quality": round(self.quality(im), 6), "colour_match": round(self.colour_match(im, prompt), 6)}
+                for im in images]
+
+
+def _metric_folder(subfolder: str, model_dir: str | None) -> str:
+    from ..hub import CATALOGUE, resolve
+
+    model_id = CATALOGUE["image-metrics"].modelscope_id
+    found = resolve(model_id, [subfolder + "/"], model_dir=model_dir)
+    return found[subfolder + "/"][0]
+
+
+class DiffSynthMetricScorer(Scorer):
+    """One of DiffSynth's metrics (Aesthetic, PickScore, CLIP) on weights from our hub layer."""
+
+    _SPECS = {  # name: (metric class, weights subfolder, takes a prompt, quality or alignment)
+        "aesthetic": ("AestheticMetric", "Aesthetic", False, "quality"),
+        "pickscore": ("PickScoreMetric", "PickScore", True, "quality"),
+        "clip": ("CLIPMetric", "CLIP-ViT-H-14-laion2B-s32B-b79K", True, "alignment"),
+    }
+
+    def __init__(self, name: str, *, model_dir: str | None = None, device: str | None = None, torch_dtype=None):
+        import torch
+        from diffsynth import metrics
+        from diffsynth.core import ModelConfig
+
+        if name not in self._SPECS:
+            raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(self._SPECS)}")
+        cls_name, sub, self.takes_prompt, role = self._SPECS[name]
+        folder = _metric_folder(sub, model_dir)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.name = name
+        self.quality_keys = (name,) if role == "quality" else ()
+        self.alignment_keys = (name,) if role == "alignment" else ()
+        self.metric = getattr(metrics, cls_name).from_pretrained(
+            model_config=ModelConfig(path=os.path.join(folder, "model.safetensors")),
+            processor_config=ModelConfig(path=folder), device=device, torch_dtype=torch_dtype or torch.float32)
+
+    def score(self, images, prompt):
+        values = self.metric.score(prompt, images) if self.takes_prompt else self.metric.score(images)
+        return [{self.name: float(v)} for v in values]
+
+
+class CombinedScorer(Scorer):
+    """Several scorers side by side ("aesthetic+pickscore+clip")."""
+
+    def __init__(self, scorers: list[Scorer]):
+        self.scorers = scorers
+        self.name = "+".join(s.name for s in scorers)
+        self.quality_keys = tuple(k for s in scorers for k in s.quality_keys)
+        self.alignment_keys = tuple(k for s in scorers for k in s.alignment_keys)
+
+    def score(self, images, prompt):
+        out = [{} for _ in images]
+        for s in self.scorers:
+            for d, part in zip(out, s.score(images, prompt), strict=True):
+                d.update(part)
+        return out
+
+
+def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None) -> Scorer:
+    """A scorer by name; "a+b" combines several."""
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise ValueError("--scorer is empty")
+    scorers = []
+    for p in parts:
+        if p == "heuristic":
+            scorers.append(HeuristicScorer())
+        elif p in DiffSynthMetricScorer._SPECS:
+            scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
+        else:
+            raise ValueError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
+    return scorers[0] if len(scorers) == 1 else CombinedScorer(scorers)
+
+
+@dataclass
+class FilterConfig:
+    """When a pair is kept: enhanced beats original by `margin` on every quality score (absolute,
+    or relative to |original| when `relative`), and no alignment score drops by more than
+    `alignment_tolerance`. `keep_fraction` (export) keeps only the best share of kept pairs by gain."""
+
+    margin: float = 0.0
+    relative: bool = False
+    alignment_tolerance: float = 0.0
+    keep_fraction: float = 1.0
+    quality_keys: list[str] | None = field(default=None)
+
+    def to_dict(self) -> dict:
+        return {"margin": self.margin, "relative": self.relative, "alignment_tolerance": self.alignment_tolerance,
+                "keep_fraction": self.keep_fraction, "quality_keys": self.quality_keys}
+
+
+def keep_pair(original: dict, enhanced: dict, scorer: Scorer, cfg: FilterConfig) -> tuple[bool, str, float]:
+    """(keep, why, gain): gain is the smallest quality improvement (relative if configured)."""
+    keys = cfg.quality_keys or list(scorer.quality_keys)
+    if not keys:
+        return False, "the scorer has no quality score", 0.0
+    gains = []
+    for k in keys:
+        a, b = float(original[k]), float(enhanced[k])
+        gains.append((b - a) / max(abs(a), 1e-8) if cfg.relative else b - a)
+    gain = min(gains)
+    if not math.isfinite(gain) or gain <= cfg.margin:
+        return False, f"quality gain {gain:.4g} <= margin {cfg.margin:g}", gain
+    for k in scorer.alignment_keys:
+        if float(enhanced[k]) < float(original[k]) - cfg.alignment_tolerance:
+            return False, f"text alignment {k} dropped {float(original[k]):.4g} -> {float(enhanced[k]):.4g}", gain
+    return True, f"quality gain {gain:.4g} > margin {cfg.margin:g}", gain
