@@ -240,6 +240,8 @@ def _parse(text, image_size, coords, max_suggestions) -> ParseResult:
     if not text.strip():
         return ParseResult([], "the answer is empty")
     try:
+        if isinstance(image_size, (str, bytes)) or len(image_size) != 2:
+            raise ValueError
         w, h = (int(v) for v in image_size)
     except (TypeError, ValueError):
         return ParseResult([], f"image_size {image_size!r} is not (width, height)")
@@ -275,6 +277,8 @@ def _parse(text, image_size, coords, max_suggestions) -> ParseResult:
             convention = {"bbox_2d": "abs", "box": "norm"}.get(c.get("kind", ""), "rel1000")
         box = _to_box(c["coords"], _scale_for(convention, (w, h)))
         prompt = " ".join(str(c.get("prompt") or "").split())
+        if not any(ch.isalpha() for ch in prompt):
+            prompt = ""  # punctuation or numbers only: not a prompt
         if box is None:
             no_box += 1
             continue
