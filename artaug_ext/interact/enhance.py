@@ -40,7 +40,8 @@ _UNSUPPORTED = ("controlnet_conditionings", "entity_prompt_emb", "kontext_latent
 
 def blur_params(latent_height: int, latent_width: int) -> tuple[int, float]:
     """(kernel, sigma) of the mask blur: 33 / 10 at short side >= 128, both scaled by side/128
-    below; the kernel stays odd, >= 3 and no larger than the latent (reflect padding needs it)."""
+    below; the kernel stays odd, >= 3 and no larger than the latent (reflect padding needs it).
+    At 1024px FLUX latents are 128 wide, so full-size images get exactly the authors' blur."""
     side = min(latent_height, latent_width)
     factor = min(1.0, side / BLUR_REFERENCE_SIDE)
     sigma = BLUR_SIGMA * factor
@@ -48,6 +49,8 @@ def blur_params(latent_height: int, latent_width: int) -> tuple[int, float]:
     if kernel % 2 == 0:
         kernel += 1
     largest = side if side % 2 else side - 1
+    if largest < 3:
+        return 1, sigma  # a latent this small cannot hold a blur kernel: masks stay sharp
     kernel = max(3, min(kernel, largest))
     return kernel, sigma
 
