@@ -238,10 +238,15 @@ def _check_layer(i: int, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: tor
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Indices of tensors holding NaN/Inf (one device sync for the lot)."""
+    """Indices of tensors holding NaN/Inf, with one fused max-abs pass and one device sync
+    for the lot (a per-tensor check costs two launches per factor on a 300-layer DiT)."""
     if not tensors:
         return []
-    flags = torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors])
+    try:
+        norms = torch._foreach_norm(list(tensors), float("inf"))
+        flags = torch.stack([n.float().to(tensors[0].device) for n in norms]).isfinite()
+    except (RuntimeError, TypeError, AttributeError):
+        flags = torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors])
     return [i for i, ok in enumerate(flags.tolist()) if not ok]
 
 
