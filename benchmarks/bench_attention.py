@@ -192,6 +192,9 @@ def main(argv=None):
         if "diffsynth_chain_fa3" in by:
             fig["speedup_vs_fa3_chain"] = by["diffsynth_chain_fa3"]["ms"] / ours_ms
         figures[f"S{seq}"] = fig
+    best = getattr(fa._attn_fwd_kernel, "best_config", None)
+    if best is not None:
+        figures["last_best_config"] = str(best)
     result = {
         "name": "flux_attention",
         "device": "cpu (interpreter)" if dry else torch.cuda.get_device_name(),
@@ -205,7 +208,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     for key, fig in figures.items():
-        print(key, " ".join(f"{k}={v:.3g}" for k, v in fig.items()))
+        print(key, fig if isinstance(fig, str) else " ".join(f"{k}={v:.3g}" for k, v in fig.items()))
     return 0
 
 

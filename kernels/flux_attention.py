@@ -93,42 +93,67 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _split_pairs(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """[ROWS, 2*HALF] -> even and odd channels, each [ROWS, HALF]."""
+    return tl.split(tl.reshape(x, (ROWS, HALF, 2)))
+
+
+@triton.jit
 def _norm_rope_tile(
     txt_ptr, img_ptr, stride_tb, stride_ts, stride_ib, stride_is, col,
-    w_txt_ptr, w_img_ptr, f_ptr, stride_fb, stride_fs,
+    w_even, w_odd, f00, f01, f10, f11,
     b, rows, S, S_txt, eps,
-    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """RMSNorm(weight) + FLUX RoPE of one [rows, D] tile of q or k, in fp32.
+    """RMSNorm(weight) + FLUX RoPE of one [ROWS, D] tile of q or k, in fp32.
 
-    RoPE maps channel d to f[d,0] * n[d & ~1] + f[d,1] * n[d | 1]; loading the tile
-    twice with even/odd-duplicated channel offsets gives both operands without a
-    register shuffle, and sum(xe^2 + xo^2) = 2 * sum(x^2) gives the RMS.
+    Rows below S_txt come from the text tensor, the rest from the image tensor. RoPE
+    maps the channel pair (x0, x1) to (f00*x0 + f01*x1, f10*x0 + f11*x1); the pairs are
+    split with reshape/split and re-interleaved with join (contiguous loads).
+    `w_even`/`w_odd` are [ROWS, D/2] (already selected per row), f.. are [ROWS, D/2].
     """
+    HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HEAD_DIM)
-    d_even = (d // 2) * 2
-    d_odd = d_even + 1
     row_ok = rows < S
-    is_txt = rows < S_txt
     row_ptr = tl.where(
-        is_txt,
+        rows < S_txt,
         txt_ptr + b * stride_tb + rows * stride_ts,
         img_ptr + b * stride_ib + (rows - S_txt) * stride_is,
     ) + col
-    m2 = row_ok[:, None]
-    xe = tl.load(row_ptr[:, None] + d_even[None, :], mask=m2, other=0.0).to(tl.float32)
-    xo = tl.load(row_ptr[:, None] + d_odd[None, :], mask=m2, other=0.0).to(tl.float32)
-    ms = tl.sum(xe * xe + xo * xo, axis=1) / (2 * HEAD_DIM)
-    r = 1.0 / tl.sqrt(ms + eps)
-    t2 = is_txt[:, None]
-    we = tl.where(t2, tl.load(w_txt_ptr + d_even).to(tl.float32)[None, :],
-                  tl.load(w_img_ptr + d_even).to(tl.float32)[None, :])
-    wo = tl.where(t2, tl.load(w_txt_ptr + d_odd).to(tl.float32)[None, :],
-                  tl.load(w_img_ptr + d_odd).to(tl.float32)[None, :])
-    fp = f_ptr + b * stride_fb + rows[:, None] * stride_fs + 2 * d[None, :]
-    fa = tl.load(fp, mask=m2, other=0.0).to(tl.float32)
-    fb = tl.load(fp + 1, mask=m2, other=0.0).to(tl.float32)
-    return r[:, None] * (fa * we * xe + fb * wo * xo)
+    x = tl.load(row_ptr[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+    xe, xo = _split_pairs(x, ROWS, HALF)
+    ne = xe * r[:, None] * w_even
+    no = xo * r[:, None] * w_odd
+    out = tl.join(f00 * ne + f01 * no, f10 * ne + f11 * no)
+    return tl.reshape(out, (ROWS, HEAD_DIM))
+
+
+@triton.jit
+def _load_weights(w_txt_ptr, w_img_ptr, rows, S_txt, HEAD_DIM: tl.constexpr):
+    """Norm weights split into even/odd channels and selected per row: [ROWS, D/2] each."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    h = tl.arange(0, HALF)
+    is_txt = (rows < S_txt)[:, None]
+    we = tl.where(is_txt, tl.load(w_txt_ptr + 2 * h).to(tl.float32)[None, :],
+                  tl.load(w_img_ptr + 2 * h).to(tl.float32)[None, :])
+    wo = tl.where(is_txt, tl.load(w_txt_ptr + 2 * h + 1).to(tl.float32)[None, :],
+                  tl.load(w_img_ptr + 2 * h + 1).to(tl.float32)[None, :])
+    return we, wo
+
+
+@triton.jit
+def _load_freqs(f_ptr, stride_fb, stride_fs, b, rows, S, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """FLUX RoPE table rows [ROWS, D/2, 2, 2] -> four [ROWS, D/2] coefficient tiles."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    c = tl.arange(0, 2 * HEAD_DIM)
+    f = tl.load(f_ptr + b * stride_fb + rows[:, None] * stride_fs + c[None, :], mask=(rows < S)[:, None],
+                other=0.0).to(tl.float32)
+    f = tl.reshape(f, (ROWS, HALF, 2, 2))
+    fc0, fc1 = tl.split(f)  # [ROWS, HALF, 2]: column 0 / 1 of each 2x2, indexed by output row
+    f00, f10 = tl.split(fc0)
+    f01, f11 = tl.split(fc1)
+    return f00, f01, f10, f11
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -142,80 +167,91 @@ def _k_prepass_kernel(
     H, S, S_txt, eps,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """k <- RoPE(RMSNorm(k)), v copied; both packed to contiguous [B, H, S, D]."""
+    """k <- RoPE(RMSNorm(k)), v copied; both packed to contiguous [B, H, S, D].
+
+    One program per (row block, batch) loops over heads, so the RoPE table and the
+    weights are read once per row block, not once per head.
+    """
     pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(1)
     rows = pid_s * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
-    k = _norm_rope_tile(
-        txt_ptr, img_ptr, stride_tb, stride_ts, stride_ib, stride_is, (H + h) * HEAD_DIM,
-        wk_txt_ptr, wk_img_ptr, f_ptr, stride_fb, stride_fs, b, rows, S, S_txt, eps, HEAD_DIM,
-    )
     row_ok = rows < S
+    f00, f01, f10, f11 = _load_freqs(f_ptr, stride_fb, stride_fs, b, rows, S, BLOCK, HEAD_DIM)
+    we, wo = _load_weights(wk_txt_ptr, wk_img_ptr, rows, S_txt, HEAD_DIM)
     v_row = tl.where(
         rows < S_txt,
         txt_ptr + b * stride_tb + rows * stride_ts,
         img_ptr + b * stride_ib + (rows - S_txt) * stride_is,
-    ) + (2 * H + h) * HEAD_DIM
-    v = tl.load(v_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    out_off = (pid_bh * S + rows)[:, None] * HEAD_DIM + d[None, :]
-    _store(k_out_ptr + out_off, k, row_ok[:, None], DTYPE, EMULATE)
-    tl.store(v_out_ptr + out_off, v, mask=row_ok[:, None])
+    )
+    for h in range(H):
+        k = _norm_rope_tile(
+            txt_ptr, img_ptr, stride_tb, stride_ts, stride_ib, stride_is, (H + h) * HEAD_DIM,
+            we, wo, f00, f01, f10, f11, b, rows, S, S_txt, eps, BLOCK, HEAD_DIM,
+        )
+        v = tl.load(v_row[:, None] + (2 * H + h) * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
+        out_off = ((b * H + h).to(tl.int64) * S + rows)[:, None] * HEAD_DIM + d[None, :]
+        _store(k_out_ptr + out_off, k, row_ok[:, None], DTYPE, EMULATE)
+        tl.store(v_out_ptr + out_off, v, mask=row_ok[:, None])
 
 
 @triton.jit
 def _attn_inner(
-    acc, l_i, m_i, q, k_base, v_base, start_n, S,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+    acc, l_i, m_i, q, k_desc, v_desc, row0, start_n, S,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
     EMULATE: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
 ):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    off = offs_n[:, None] * HEAD_DIM + d[None, :]
-    if MASK:
-        k = tl.load(k_base + off, mask=(offs_n < S)[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + off)
+    """One K/V tile of the online softmax (exp2; the scale is already folded into q).
+    K/V tiles come through TMA descriptors over the packed [B*H*S, D] buffers; a tail
+    tile's rows past S belong to the next head (or are zero-filled) and are masked."""
+    k = k_desc.load([row0 + start_n, 0])
     if EMULATE:
         k = k.to(tl.float32)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
     if MASK:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         s = tl.where((offs_n < S)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    if MASK:
-        v = tl.load(v_base + off, mask=(offs_n < S)[:, None], other=0.0)
-    else:
-        v = tl.load(v_base + off)
+    v = v_desc.load([row0 + start_n, 0])
     if EMULATE:
         v = v.to(tl.float32)
     acc = _dot(_mma_operand(p, DTYPE, EMULATE), v, acc, PREC)
     return acc, l_i, m_new
 
 
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: the K/V descriptors' block shape follows BLOCK_N."""
+    block = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    nargs["k_desc"].block_shape = block
+    nargs["v_desc"].block_shape = block
+
+
 def _configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1, pre_hook=_set_block_shapes)]
     out = []
     for bm, bn, warps, stages in [
-        (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
         (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
     ]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                                 pre_hook=_set_block_shapes))
     return out
 
 
+# ARTAUG_AUTOTUNE=0 keeps one config per dtype (GPU tests: fewer compiles).
+AUTOTUNE = os.environ.get("ARTAUG_AUTOTUNE", "1") != "0"
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles too large for fp32 operands (the fp32 path is for tests, not speed)."""
-    if named_args["k_ptr"].dtype == torch.float32:
-        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-        return small or configs[:1]
-    return configs
+    """fp32 (tests, not speed) gets small tiles only; without autotuning keep the first."""
+    if named_args["out_ptr"].dtype == torch.float32:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
+    return configs if AUTOTUNE else configs[:1]
 
 
 @triton.autotune(configs=_configs(), key=["S", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
@@ -223,7 +259,7 @@ def _prune(configs, named_args, **kwargs):
 def _attn_fwd_kernel(
     txt_ptr, img_ptr, stride_tb, stride_ts, stride_ib, stride_is,
     wq_txt_ptr, wq_img_ptr, f_ptr, stride_fb, stride_fs,
-    k_ptr, v_ptr, out_ptr, stride_ob, stride_os,
+    k_desc, v_desc, out_ptr, stride_ob, stride_os,
     H, S, S_txt, eps, qk_scale,
     HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -235,25 +271,25 @@ def _attn_fwd_kernel(
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
+    f00, f01, f10, f11 = _load_freqs(f_ptr, stride_fb, stride_fs, b, rows, S, BLOCK_M, HEAD_DIM)
+    we, wo = _load_weights(wq_txt_ptr, wq_img_ptr, rows, S_txt, HEAD_DIM)
     q = _norm_rope_tile(
         txt_ptr, img_ptr, stride_tb, stride_ts, stride_ib, stride_is, h * HEAD_DIM,
-        wq_txt_ptr, wq_img_ptr, f_ptr, stride_fb, stride_fs, b, rows, S, S_txt, eps, HEAD_DIM,
+        we, wo, f00, f01, f10, f11, b, rows, S, S_txt, eps, BLOCK_M, HEAD_DIM,
     )
     q = _mma_operand(q * qk_scale, DTYPE, EMULATE)
 
-    kv_off = pid_bh.to(tl.int64) * S * HEAD_DIM
-    k_base = k_ptr + kv_off
-    v_base = v_ptr + kv_off
+    row0 = pid_bh * S
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (S // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, start_n, S,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, False)
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_desc, v_desc, row0, start_n, S,
+                                    BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, False)
     if n_full < S:
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, n_full, S,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, True)
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_desc, v_desc, row0, n_full, S,
+                                    BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, True)
     acc = acc / l_i[:, None]
     o_ptrs = out_ptr + b * stride_ob + rows[:, None] * stride_os + h * HEAD_DIM + d[None, :]
     _store(o_ptrs, acc, (rows < S)[:, None], DTYPE, EMULATE)
@@ -289,6 +325,8 @@ def _check(qkv_txt, qkv_img, weights, freqs, num_heads):
 
 
 def _flux_attention_impl(qkv_txt, qkv_img, wq_txt, wk_txt, wq_img, wk_img, freqs, eps, num_heads):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     B, S_txt, S_img, D = _check(qkv_txt, qkv_img, (wq_txt, wk_txt, wq_img, wk_img), freqs, num_heads)
     if qkv_img.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("flux_attention: CPU tensors need TRITON_INTERPRET=1 set before artaug_kernels is imported")
@@ -300,25 +338,28 @@ def _flux_attention_impl(qkv_txt, qkv_img, wq_txt, wk_txt, wq_img, wk_img, freqs
     if freqs.stride(-1) != 1:
         freqs = freqs.contiguous()
     stride_fb = freqs.stride(0) if freqs.shape[0] > 1 else 0
-    k_buf = torch.empty((B, H, S, D), device=qkv_img.device, dtype=dtype)
+    k_buf = torch.empty((B * H * S, D), device=qkv_img.device, dtype=dtype)
     v_buf = torch.empty_like(k_buf)
     out = torch.empty((B, S, H * D), device=qkv_img.device, dtype=dtype)
     tl_dtype = _TL_DTYPE[dtype]
     emulate = INTERPRET
     prec = "ieee" if (dtype == torch.float32 or emulate) else "tf32"
     args = (qkv_txt, qkv_img, qkv_txt.stride(0), qkv_txt.stride(1), qkv_img.stride(0), qkv_img.stride(1))
-    pre_block = 32 if INTERPRET else 64
-    _k_prepass_kernel[(triton.cdiv(S, pre_block), B * H)](
+    pre_block = 32 if (INTERPRET or dtype == torch.float32) else 64
+    _k_prepass_kernel[(triton.cdiv(S, pre_block), B)](
         *args, wk_txt, wk_img, freqs, stride_fb, freqs.stride(1), k_buf, v_buf, H, S, S_txt, float(eps),
         HEAD_DIM=D, BLOCK=pre_block, DTYPE=tl_dtype, EMULATE=emulate, num_warps=4,
     )
     qk_scale = LOG2E / math.sqrt(D)
+    # block shapes are set per config by the autotune pre-hook
+    k_desc = TensorDescriptor.from_tensor(k_buf, [16, D])
+    v_desc = TensorDescriptor.from_tensor(v_buf, [16, D])
 
     def grid(meta):
         return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
 
     _attn_fwd_kernel[grid](
-        *args, wq_txt, wq_img, freqs, stride_fb, freqs.stride(1), k_buf, v_buf, out, out.stride(0), out.stride(1),
+        *args, wq_txt, wq_img, freqs, stride_fb, freqs.stride(1), k_desc, v_desc, out, out.stride(0), out.stride(1),
         H, S, S_txt, float(eps), qk_scale, HEAD_DIM=D, DTYPE=tl_dtype, EMULATE=emulate, PREC=prec,
     )
     STATS["launches"] += 1

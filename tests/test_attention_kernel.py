@@ -33,7 +33,7 @@ def diffsynth_reference(qkv_img, w_img, freqs, num_heads, qkv_txt=None, w_txt=No
         D = C // (3 * num_heads)
         x = qkv.to(dtype).reshape(B, S, 3 * num_heads, D).transpose(1, 2)
         q, k, v = x.chunk(3, dim=1)
-        nq, nk = RMSNorm(D, eps).to(dtype), RMSNorm(D, eps).to(dtype)
+        nq, nk = RMSNorm(D, eps).to(qkv.device, dtype), RMSNorm(D, eps).to(qkv.device, dtype)
         nq.weight.data.copy_(wq)
         nk.weight.data.copy_(wk)
         return nq(q), nk(k), v
