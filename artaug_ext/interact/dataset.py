@@ -200,10 +200,14 @@ def item_id(prompt_index: int, image_index: int) -> str:
     return f"{prompt_index:05d}-{image_index:02d}"
 
 
-def _settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict]) -> dict:
+def _settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], critic, scorer) -> dict:
+    """What run.json records: the config as the critic and scorer describe themselves (so equal
+    settings spelled differently compare equal), model and LoRA hashes."""
     d = asdict(cfg)
     d["filter"] = cfg.filter.to_dict()
-    d["critic_options"] = {k: v for k, v in sorted(cfg.critic_options.items()) if "key" not in k.lower()}
+    d.pop("critic_options")
+    d["critic"] = critic.describe() if hasattr(critic, "describe") else cfg.critic
+    d["scorer"] = scorer.describe() if hasattr(scorer, "describe") else cfg.scorer
     d["loras"] = lora_sha
     d["model_sha256"] = model_sha
     d["format"] = RUN_FORMAT
@@ -336,7 +340,7 @@ class InteractRun:
         from tqdm import tqdm
 
         os.makedirs(os.path.join(self.run_dir, "shards"), exist_ok=True)
-        _check_run_json(self.run_dir, _settings(self.cfg, self.model_sha, self.lora_sha))
+        _check_run_json(self.run_dir, _settings(self.cfg, self.model_sha, self.lora_sha, self.critic, self.scorer))
         shard = shard_path(self.run_dir, self.rank, self.world)
         read_manifest(shard, repair=True)
         done = finished_ids(self.run_dir)

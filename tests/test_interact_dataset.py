@@ -1,0 +1,226 @@
+"""Pair datasets: manifest contents, resume after SIGKILL at several points, sharding, export, scorers."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from artaug_ext.interact.dataset import (
+    InteractConfig,
+    export_pairs,
+    merge_manifests,
+    read_manifest,
+    read_prompts,
+    run_interact,
+)
+from artaug_ext.interact.parse import Suggestion
+from artaug_ext.interact.pictures import pair_picture
+from artaug_ext.interact.scorers import FilterConfig, HeuristicScorer, keep_pair, make_scorer
+from artaug_ext.pipeline import load_pipeline
+
+PROMPTS = ["a red circle on a blue background, dim light", "a yellow star in the top left, bright light",
+           "a white square on a black background, overexposed", "a green triangle in the center"]
+SIZE, STEPS = 64, 2
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)
+
+
+def cfg(**kw):
+    base = dict(prompts=PROMPTS, model="tiny-random", steps=STEPS, height=SIZE, width=SIZE)
+    base.update(kw)
+    return InteractConfig(**base)
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def test_run_writes_manifest_pngs_and_resumes_without_redoing(tmp_path, pipe, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run = tmp_path / "run"
+    stats = run_interact(cfg(images_per_prompt=2), str(run), pipe=pipe, progress=False)
+    assert stats["items"] == 8 and stats["processed"] == 8 and stats["merged"] == 8
+    records = read_manifest(str(run / "manifest.jsonl"))
+    assert [r["id"] for r in records] == [f"{p:05d}-{i:02d}" for p in range(4) for i in range(2)]
+    assert len({r["seed"] for r in records}) == 8
+    for r in records:
+        assert r["prompt"] == PROMPTS[r["prompt_index"]]
+        assert set(r["model_sha256"]) >= {"dit", "vae", "text_encoder", "text_encoder_2"}
+        assert all(len(h) == 64 for h in r["model_sha256"].values()) and r["loras"] == []
+        assert Image.open(run / r["original"]).size == (SIZE, SIZE)
+        if r["suggestions"]:
+            assert Image.open(run / r["enhanced"]).size == (SIZE, SIZE)
+            assert set(r["scores"]) == {"original", "enhanced"} and isinstance(r["kept"], bool)
+        if r["kept"]:
+            assert Image.open(run / r["picture"]).size[0] == 2 * SIZE + 4
+    before = tree(run)
+    again = run_interact(cfg(images_per_prompt=2), str(run), pipe=pipe, progress=False)
+    assert again["processed"] == 0 and tree(run) == before
+    with pytest.raises(ValueError, match="other settings"):
+        run_interact(cfg(images_per_prompt=2, seed=7), str(run), pipe=pipe, progress=False)
+
+
+def test_sharded_ranks_merge_to_the_single_rank_manifest(tmp_path, pipe, monkeypatch):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    run_interact(cfg(), str(single), pipe=pipe, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        stats = run_interact(cfg(), str(sharded), pipe=pipe, progress=False)
+        assert stats["processed"] == 2
+    assert stats["merged"] == 4
+    a, b = tree(single), tree(sharded)
+    assert a["manifest.jsonl"] == b["manifest.jsonl"]
+    assert {k: v for k, v in a.items() if k.startswith(("images", "pictures"))} == \
+           {k: v for k, v in b.items() if k.startswith(("images", "pictures"))}
+    assert sorted(k for k in b if k.startswith("shards/manifest")) == [
+        "shards/manifest-rank00000-of-00002.jsonl", "shards/manifest-rank00001-of-00002.jsonl"]
+
+
+def test_torn_manifest_line_is_repaired(tmp_path, pipe, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run = tmp_path / "run"
+    run_interact(cfg(prompts=PROMPTS[:2]), str(run), pipe=pipe, progress=False)
+    shard = run / "shards" / "manifest-rank00000-of-00001.jsonl"
+    full = shard.read_bytes()
+    lines = full.splitlines(keepends=True)
+    shard.write_bytes(lines[0] + lines[1][:40])  # killed while appending the second line
+    assert len(read_manifest(str(shard))) == 1
+    stats = run_interact(cfg(prompts=PROMPTS[:2]), str(run), pipe=pipe, progress=False)
+    assert stats["processed"] == 1 and shard.read_bytes() == full
+
+
+def test_export_for_diffsynth_trainer(tmp_path, pipe, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run, out = tmp_path / "run", tmp_path / "export"
+    # margin -1: keep every enhanced pair, so the export has rows whatever the scores are
+    run_interact(cfg(filter=FilterConfig(margin=-1.0, alignment_tolerance=1.0)), str(run), pipe=pipe, progress=False)
+    kept = [r for r in read_manifest(str(run / "manifest.jsonl")) if r["kept"]]
+    assert kept
+    n = export_pairs(str(run), str(out))
+    assert n == len(kept)
+    for which in ("original", "enhanced"):
+        with open(out / which / "metadata.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["prompt"] for r in rows] == [k["prompt"] for k in kept]
+        assert all((out / which / r["image"]).is_file() for r in rows)
+        jl = [json.loads(line) for line in (out / which / "metadata.jsonl").read_text().splitlines()]
+        assert jl == rows
+    assert export_pairs(str(run), str(tmp_path / "half"), keep_fraction=0.5) == (len(kept) + 1) // 2
+    assert merge_manifests(str(run)) == 4
+
+
+def test_keep_rule_and_heuristic_scorer():
+    s = HeuristicScorer()
+    a, b = {"quality": 0.5, "colour_match": 1.0}, {"quality": 0.6, "colour_match": 1.0}
+    assert keep_pair(a, b, s, FilterConfig(margin=0.05))[0]
+    assert not keep_pair(a, b, s, FilterConfig(margin=0.2))[0]
+    assert keep_pair(a, b, s, FilterConfig(margin=0.15, relative=True))[0]  # +20% relative
+    worse_text = dict(b, colour_match=0.5)
+    keep, why, _ = keep_pair(a, worse_text, s, FilterConfig())
+    assert not keep and "alignment" in why
+    assert keep_pair(a, worse_text, s, FilterConfig(alignment_tolerance=0.5))[0]
+    red = Image.new("RGB", (32, 32), (220, 40, 40))
+    assert s.score([red], "a red circle")[0]["colour_match"] == 1.0
+    assert s.score([red], "a blue circle")[0]["colour_match"] == 0.0
+
+
+def test_metric_scorers_never_download(monkeypatch, tmp_path):
+    from artaug_ext.hub import MissingModelError
+
+    monkeypatch.setenv("ARTAUG_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(MissingModelError, match="DiffSynth-Studio/ImageMetrics"):
+        make_scorer("heuristic+aesthetic", model_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ValueError, match="unknown scorer"):
+        make_scorer("mps")
+
+
+def test_pair_picture_and_prompt_files(tmp_path):
+    img = Image.new("RGB", (64, 48), (10, 10, 10))
+    pic = pair_picture(img, img, [Suggestion((0.1, 0.1, 0.5, 0.5), "bright light", "exposure")], "a prompt")
+    assert pic.size[0] == 132 and pic.size[1] > 48
+    assert pic.getpixel((int(0.1 * 64), int(0.3 * 48))) != (10, 10, 10)  # box outline drawn
+    (tmp_path / "p.txt").write_text("# comment\n\na red circle\n  a blue star  \n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a red circle", "a blue star"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n{"nope": 1}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2"):
+        read_prompts(str(tmp_path / "p.jsonl"))
+
+
+# ---------------------------------------------------------------------------- SIGKILL and resume
+
+
+def _cli(run_dir, prompts_file):
+    return [sys.executable, "-m", "artaug_ext.interact.cli", "interact", "--prompts", str(prompts_file), "--out",
+            str(run_dir), "--model", "tiny-random", "--steps", str(STEPS), "--size", str(SIZE), "--no-progress"]
+
+
+def _run_until_paused_then_kill(cmd, pause_at, marker):
+    env = dict(os.environ, ARTAUG_INTERACT_PAUSE_AT=pause_at, ARTAUG_INTERACT_PAUSE_FILE=str(marker))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    if marker.exists():
+        marker.unlink()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before pausing at {pause_at}: {proc.stderr.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"never paused at {pause_at}")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    reference, run, marker = tmp_path / "reference", tmp_path / "run", tmp_path / "paused"
+    config = cfg(prompts=read_prompts(str(prompts_file)))
+    run_interact(config, str(reference), pipe=pipe, progress=False)  # uninterrupted, in this process
+    cmd = _cli(run, prompts_file)
+    _run_until_paused_then_kill(cmd, "item:2", marker)       # between items (first item done)
+    assert len(read_manifest(str(run / "shards" / "manifest-rank00000-of-00001.jsonl"))) == 1
+    _run_until_paused_then_kill(cmd, "png:2", marker)        # in the middle of writing a PNG
+    assert any(name.endswith(".png.tmp") for name in tree(run)), "the kill should land inside the atomic write"
+    _run_until_paused_then_kill(cmd, "manifest:1", marker)   # half-way through a manifest line
+    shard = (run / "shards" / "manifest-rank00000-of-00001.jsonl").read_bytes()
+    assert not shard.endswith(b"\n")
+    done = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if not k.startswith("ARTAUG_INTERACT_PAUSE")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 items" in done.stdout
+    ref, got = tree(reference), tree(run)
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        assert got[name] == ref[name], name
