@@ -207,11 +207,11 @@ def _merge_torch(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     overflow = False
     for m0 in range(0, M, rows):
         w_chunk = weight[m0:m0 + rows]
-        out = torch.mm(lora_B[m0:m0 + rows].to(torch.float32), a32)
-        w32 = w_chunk.to(torch.float32)
-        out.mul_(scale).add_(w32)
-        if not overflow and bool((torch.isinf(out) & torch.isfinite(w32)).any()):
-            overflow = True
+        out = w_chunk.to(torch.float32)
+        # w + scale * (B @ A) in the GEMM's epilogue: no extra passes over the chunk
+        out.addmm_(lora_B[m0:m0 + rows].to(torch.float32), a32, alpha=scale)
+        if not overflow and bool(torch.isinf(out).any()):
+            overflow = bool((torch.isinf(out) & torch.isfinite(w_chunk)).any())
         w_chunk.copy_(out)  # the one rounding (round to nearest even)
     return overflow
 
