@@ -26,6 +26,7 @@ fp32->bf16 casts are wrong. On the GPU the same code feeds bf16/fp16 tensor-core
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -41,6 +42,10 @@ LOG2E = 1.4426950408889634
 # Host-side launch counter: the op's real implementation runs at call time even inside
 # a torch.compile graph, so this counts every kernel call (read by artaug_ext.patch).
 STATS = {"launches": 0}
+
+# K/V tiles through TMA descriptors; switched off (once, with a warning) if that path fails.
+USE_TMA = {"enabled": os.environ.get("ARTAUG_TMA", "1") != "0"}
+logger = logging.getLogger(__name__)
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -196,15 +201,30 @@ def _k_prepass_kernel(
 
 
 @triton.jit
+def _load_kv(src, row0, start_n, S, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr,
+             MASK: tl.constexpr):
+    """A [BLOCK_N, D] tile of the packed K or V buffer: TMA descriptor or plain pointers."""
+    if TMA:
+        return src.load([row0 + start_n, 0])
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = src + (row0 + offs_n).to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        if MASK:
+            return tl.load(ptrs, mask=(offs_n < S)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
 def _attn_inner(
     acc, l_i, m_i, q, k_desc, v_desc, row0, start_n, S,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-    EMULATE: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr,
+    EMULATE: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
 ):
     """One K/V tile of the online softmax (exp2; the scale is already folded into q).
     K/V tiles come through TMA descriptors over the packed [B*H*S, D] buffers; a tail
     tile's rows past S belong to the next head (or are zero-filled) and are masked."""
-    k = k_desc.load([row0 + start_n, 0])
+    k = _load_kv(k_desc, row0, start_n, S, BLOCK_N, HEAD_DIM, TMA, MASK)
     if EMULATE:
         k = k.to(tl.float32)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
@@ -216,7 +236,7 @@ def _attn_inner(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    v = v_desc.load([row0 + start_n, 0])
+    v = _load_kv(v_desc, row0, start_n, S, BLOCK_N, HEAD_DIM, TMA, MASK)
     if EMULATE:
         v = v.to(tl.float32)
     acc = _dot(_mma_operand(p, DTYPE, EMULATE), v, acc, PREC)
@@ -225,9 +245,10 @@ def _attn_inner(
 
 def _set_block_shapes(nargs):
     """Autotune pre-hook: the K/V descriptors' block shape follows BLOCK_N."""
-    block = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-    nargs["k_desc"].block_shape = block
-    nargs["v_desc"].block_shape = block
+    if nargs["TMA"]:
+        block = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+        nargs["k_desc"].block_shape = block
+        nargs["v_desc"].block_shape = block
 
 
 def _configs():
@@ -262,7 +283,7 @@ def _attn_fwd_kernel(
     k_desc, v_desc, out_ptr, stride_ob, stride_os,
     H, S, S_txt, eps, qk_scale,
     HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_M, D] query tile of one (batch, head): q prologue, then flash loop."""
     pid_m = tl.program_id(0)
@@ -286,10 +307,10 @@ def _attn_fwd_kernel(
     n_full = (S // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_desc, v_desc, row0, start_n, S,
-                                    BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, False)
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, DTYPE, EMULATE, PREC, False, TMA)
     if n_full < S:
         acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_desc, v_desc, row0, n_full, S,
-                                    BLOCK_M, BLOCK_N, DTYPE, EMULATE, PREC, True)
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, DTYPE, EMULATE, PREC, True, TMA)
     acc = acc / l_i[:, None]
     o_ptrs = out_ptr + b * stride_ob + rows[:, None] * stride_os + h * HEAD_DIM + d[None, :]
     _store(o_ptrs, acc, (rows < S)[:, None], DTYPE, EMULATE)
@@ -325,8 +346,6 @@ def _check(qkv_txt, qkv_img, weights, freqs, num_heads):
 
 
 def _flux_attention_impl(qkv_txt, qkv_img, wq_txt, wk_txt, wq_img, wk_img, freqs, eps, num_heads):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     B, S_txt, S_img, D = _check(qkv_txt, qkv_img, (wq_txt, wk_txt, wq_img, wk_img), freqs, num_heads)
     if qkv_img.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("flux_attention: CPU tensors need TRITON_INTERPRET=1 set before artaug_kernels is imported")
@@ -351,17 +370,33 @@ def _flux_attention_impl(qkv_txt, qkv_img, wq_txt, wk_txt, wq_img, wk_img, freqs
         HEAD_DIM=D, BLOCK=pre_block, DTYPE=tl_dtype, EMULATE=emulate, num_warps=4,
     )
     qk_scale = LOG2E / math.sqrt(D)
-    # block shapes are set per config by the autotune pre-hook
-    k_desc = TensorDescriptor.from_tensor(k_buf, [16, D])
-    v_desc = TensorDescriptor.from_tensor(v_buf, [16, D])
 
     def grid(meta):
         return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
 
-    _attn_fwd_kernel[grid](
-        *args, wq_txt, wq_img, freqs, stride_fb, freqs.stride(1), k_desc, v_desc, out, out.stride(0), out.stride(1),
-        H, S, S_txt, float(eps), qk_scale, HEAD_DIM=D, DTYPE=tl_dtype, EMULATE=emulate, PREC=prec,
-    )
+    def launch(tma):
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            # block shapes are set per config by the autotune pre-hook
+            k_src, v_src = TensorDescriptor.from_tensor(k_buf, [16, D]), TensorDescriptor.from_tensor(v_buf, [16, D])
+        else:
+            k_src, v_src = k_buf, v_buf
+        _attn_fwd_kernel[grid](
+            *args, wq_txt, wq_img, freqs, stride_fb, freqs.stride(1), k_src, v_src, out, out.stride(0), out.stride(1),
+            H, S, S_txt, float(eps), qk_scale, HEAD_DIM=D, DTYPE=tl_dtype, EMULATE=emulate, PREC=prec, TMA=tma,
+        )
+
+    if USE_TMA["enabled"]:
+        try:
+            launch(True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Triton without host TMA descriptors
+            logger.warning("flux_attention: TMA path failed (%s: %s); using pointer loads from now on",
+                           type(exc).__name__, str(exc)[:200])
+            USE_TMA["enabled"] = False
+            launch(False)
+    else:
+        launch(False)
     STATS["launches"] += 1
     return out
 
