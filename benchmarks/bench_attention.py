@@ -192,6 +192,7 @@ def main(argv=None):
         if "diffsynth_chain_fa3" in by:
             fig["speedup_vs_fa3_chain"] = by["diffsynth_chain_fa3"]["ms"] / ours_ms
         figures[f"S{seq}"] = fig
+    figures["tma_kv_loads"] = "on" if fa.USE_TMA["enabled"] else "off (fell back to pointer loads)"
     best = getattr(fa._attn_fwd_kernel, "best_config", None)
     if best is not None:
         figures["last_best_config"] = str(best)

@@ -86,3 +86,14 @@ def test_patched_tiny_dit_bf16_cuda(compile_blocks):
     assert rel <= 1.1 * base_rel + 1e-3
     if compile_blocks:
         torch._dynamo.reset()
+
+
+def test_pointer_path_gpu(monkeypatch):
+    from artaug_kernels import flux_attention as fa
+
+    print(f"TMA K/V path enabled: {fa.USE_TMA['enabled']}")
+    monkeypatch.setitem(fa.USE_TMA, "enabled", False)
+    args = _cuda(*make_inputs(1, 7, 333, 128, num_heads=3, dtype=torch.bfloat16, seed=5))
+    out = _kernel(*args, 3)
+    ref = diffsynth_reference(args[1], args[2][2:], args[3], 3, qkv_txt=args[0], w_txt=args[2][:2])
+    assert (out.double() - ref).abs().max().item() < 3e-2
