@@ -116,7 +116,12 @@ def test_low_precision_within_noise(dtype, batch, s_txt, s_img, head_dim):
     ds = diffsynth_reference(qkv_img, ws[2:], freqs, 2, qkv_txt=qkv_txt, w_txt=ws[:2], dtype=dtype)
     err = (out.double() - ref).abs().max().item()
     ds_err = (ds.double() - ref).abs().max().item()
-    assert err <= 1.1 * ds_err + 1e-3, (err, ds_err)
+    mean_err = (out.double() - ref).abs().mean().item()
+    ds_mean = (ds.double() - ref).abs().mean().item()
+    # within the dtype's noise: P is rounded to bf16/fp16 for the MMA as on the GPU, which
+    # DiffSynth's CPU chain does not do, so allow some headroom on the max
+    assert mean_err <= 1.1 * ds_mean, (mean_err, ds_mean)
+    assert err <= 1.5 * ds_err + 1e-3, (err, ds_err)
     assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), err
 
 
