@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_multiple_of_16, default=None, help="multiple of 16 (default: 256 tiny, 1024 flux-dev)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--guidance", type=float, default=3.5, help="FLUX embedded guidance (default 3.5)")
+    gen.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                     help="fused Triton attention kernels in the DiT (default: on for CUDA, off on CPU)")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     gen.add_argument("--out", default="artaug.png", help="output image file (default artaug.png)")
 
@@ -90,6 +92,14 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, model_dir=args.model_dir, device=args.device)
     if use_artaug:
         _load_artaug(pipe, args)
+    on_cuda = str(pipe.device).startswith("cuda")
+    if args.kernels if args.kernels is not None else on_cuda:
+        from .patch import apply_kernels
+
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            logger.warning("--kernels on %s: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
+                           "DiffSynth's own attention runs instead", pipe.device)
+        apply_kernels(pipe)
     t1 = time.perf_counter()
     image = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
                      embedded_guidance=args.guidance)
@@ -98,15 +108,19 @@ def cmd_generate(args) -> int:
     os.replace(tmp, args.out)
     t2 = time.perf_counter()
     logger.info("load %.1fs, generate %.1fs", t1 - t0, t2 - t1)
+    if args.kernels or on_cuda:
+        from .patch import kernel_stats
+
+        logger.info("attention kernel calls: %s", kernel_stats())
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, model {args.model}, seed {args.seed}, {t2 - t0:.1f}s)")
     return 0
 
 
 def _load_artaug(pipe, args) -> None:
-    from .hub import resolve_model_files
+    from .lora import load_artaug
 
-    lora = resolve_model_files("artaug", args.model_dir)["lora"][0]
-    pipe.load_lora(pipe.dit, lora, alpha=args.lora_alpha)
+    report = load_artaug(pipe, alpha=args.lora_alpha, model_dir=args.model_dir)
+    logger.info("ArtAug LoRA: %d layers merged in %.2fs", len(report.merged), report.seconds)
 
 
 def cmd_download(args) -> int:
