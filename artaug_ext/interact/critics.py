@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -95,10 +96,33 @@ _PALETTE = {
 }
 # Targets of the heuristic critic (and scorer): luma in [0, 1], contrast = luma std,
 # sharpness = std of the luma Laplacian. A cell outside a band gets a fix; severity = distance.
-EXPOSURE_BAND = (0.3, 0.7)
-MIN_CONTRAST = 0.15
+EXPOSURE_BAND = (0.2, 0.75)
+WASHED_OUT_SATURATION = 0.3  # bright AND unsaturated = overexposed (a bright yellow is not)
+MIN_CONTRAST = 0.06
 MIN_SATURATION = 0.35
 SHARPNESS_BAND = (0.03, 0.15)
+UNIFORM_CONTRAST = 0.03  # below this a cell is a plain area: only exposure is judged
+
+
+def exposure_error(st: dict) -> float:
+    """How far a cell is outside the exposure band: < 0 underexposed, > 0 overexposed, 0 fine.
+    Luma alone would call saturated blues dark and yellows bright, so "over" also needs the
+    colours to be washed out."""
+    if st["exposure"] < EXPOSURE_BAND[0]:
+        return st["exposure"] - EXPOSURE_BAND[0]
+    if st["exposure"] > EXPOSURE_BAND[1] and st["saturation"] < WASHED_OUT_SATURATION:
+        return st["exposure"] - EXPOSURE_BAND[1]
+    return 0.0
+LIGHTING_PHRASES = ("dim light", "normal light", "bright light", "backlit", "overexposed", "underexposed")
+
+
+def prompt_content(prompt: str) -> str:
+    """The prompt without its lighting phrases (the heuristic critic puts the fix there instead)."""
+    text = prompt or ""
+    for phrase in LIGHTING_PHRASES:
+        text = re.sub(r",?\s*\b" + re.escape(phrase) + r"\b", "", text, flags=re.I)
+    return " ".join(text.split()).strip(" ,")
+
 _ROWS = ("top", "middle", "bottom")
 _COLS = ("left", "center", "right")
 
@@ -140,9 +164,11 @@ class HeuristicCritic:
 
     It splits the image into a 3x3 grid, measures each cell's exposure, contrast, saturation
     and sharpness, and for the cells furthest from sensible targets proposes a standard fix
-    phrased in words the tiny model was trained on ("bright light", "dim light", "vivid",
-    colour and position words). It cannot see objects, so it never suggests composition
-    changes or new content, and its suggestions are only as good as these thresholds.
+    phrased in words the tiny model was trained on: the prompt's own content with its
+    lighting replaced ("normal light", "bright light") plus words like "vivid", "sharp" and
+    colour names. Plain areas (flat backgrounds) are judged on exposure only. It cannot see
+    objects, so it never suggests composition changes or new content, and its suggestions
+    are only as good as these thresholds.
     Use it to exercise the loop end to end; use a VLM critic for real data.
     """
 
@@ -156,35 +182,45 @@ class HeuristicCritic:
     def describe(self) -> dict:
         return {"critic": self.name, "max_suggestions": self.max_suggestions, "min_severity": self.min_severity}
 
-    def _proposals(self, st: dict, where: str) -> list[tuple[float, str, str, str]]:
-        """(severity, category, local prompt, rationale) candidates for one cell."""
+    def _proposals(self, st: dict, where: str, content: str) -> list[tuple[float, str, str, str]]:
+        """(severity, category, local prompt, rationale) candidates for one cell.
+
+        The local prompt is the global prompt's content with its lighting words replaced by the
+        fix (what the region should look like), or colour + position words without a prompt."""
         colour = colour_name([v * 255 for v in st["colour"]])
         hue = "" if colour in ("white", "black", "gray") else colour + " "
+
+        def text(fix: str) -> str:
+            return f"{content}, {fix}" if content else f"{fix} in the {where}"
+
         out = []
-        if st["exposure"] > EXPOSURE_BAND[1]:
-            out.append((2 * (st["exposure"] - EXPOSURE_BAND[1]), "exposure", f"soft normal light, rich {colour} tones in the {where}",
+        err = exposure_error(st)
+        if err > 0:
+            out.append((2 * err, "exposure", text(f"normal light, soft {colour} tones"),
                         f"overexposed: mean brightness {st['exposure']:.2f}"))
-        if st["exposure"] < EXPOSURE_BAND[0]:
-            out.append((2 * (EXPOSURE_BAND[0] - st["exposure"]), "exposure", f"bright light, clear {colour} details in the {where}",
+        if err < 0:
+            out.append((-2 * err, "exposure", text(f"bright light, clear {colour} details"),
                         f"underexposed: mean brightness {st['exposure']:.2f}"))
+        if st["contrast"] < UNIFORM_CONTRAST:
+            return out  # a plain area (a flat background) is not a flaw: only its exposure counts
         if st["contrast"] < MIN_CONTRAST:
-            out.append((MIN_CONTRAST - st["contrast"], "lighting",
-                        f"dramatic light with strong contrast, {colour} shadows in the {where}",
+            out.append((MIN_CONTRAST - st["contrast"], "lighting", text(f"dramatic light with strong contrast, {colour} shadows"),
                         f"flat: contrast {st['contrast']:.2f}"))
         if st["saturation"] < MIN_SATURATION:
-            out.append((MIN_SATURATION - st["saturation"], "atmosphere", f"vivid {hue}colors, vibrant tones in the {where}",
+            out.append((MIN_SATURATION - st["saturation"], "atmosphere", text(f"vivid {hue}colors, vibrant tones"),
                         f"dull colours: saturation {st['saturation']:.2f}"))
         if st["sharpness"] < SHARPNESS_BAND[0]:
-            out.append((SHARPNESS_BAND[0] - st["sharpness"], "detail", f"sharp crisp {colour} details and texture in the {where}",
+            out.append((SHARPNESS_BAND[0] - st["sharpness"], "detail", text(f"sharp crisp {colour} details and texture"),
                         f"soft: sharpness {st['sharpness']:.3f}"))
         if st["sharpness"] > SHARPNESS_BAND[1]:
-            out.append((min(st["sharpness"] - SHARPNESS_BAND[1], 0.5), "detail",
-                        f"clean smooth {colour} shapes, less noise in the {where}", f"noisy: sharpness {st['sharpness']:.3f}"))
+            out.append((min(st["sharpness"] - SHARPNESS_BAND[1], 0.5), "detail", text(f"clean smooth {colour} shapes, less noise"),
+                        f"noisy: sharpness {st['sharpness']:.3f}"))
         return out
 
     def critique(self, image: Image.Image, prompt: str = "") -> ParseResult:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
         h, w = pixels.shape[:2]
+        content = prompt_content(prompt)
         found = []
         for r in range(3):
             for c in range(3):
@@ -193,7 +229,7 @@ class HeuristicCritic:
                 if y1 - y0 < 1 or x1 - x0 < 1:
                     continue
                 st = region_stats(pixels[y0:y1, x0:x1])
-                for sev, cat, text, why in self._proposals(st, _position(r, c)):
+                for sev, cat, text, why in self._proposals(st, _position(r, c), content):
                     found.append((sev, r * 3 + c, cat, text, why, (x0 / w, y0 / h, x1 / w, y1 / h)))
         found = [f for f in found if f[0] >= self.min_severity]
         # Worst first; one suggestion per cell; ties broken by cell index for determinism.

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .critics import _PALETTE, EXPOSURE_BAND, MIN_CONTRAST, MIN_SATURATION, SHARPNESS_BAND, region_stats
+from .critics import (
+    _PALETTE,
+    MIN_CONTRAST,
+    MIN_SATURATION,
+    SHARPNESS_BAND,
+    UNIFORM_CONTRAST,
+    exposure_error,
+    region_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +54,8 @@ class HeuristicScorer(Scorer):
     """Offline stand-in for aesthetic and CLIP scores, from pixel statistics only.
 
     `quality` (0..1) rewards each 3x3 cell for being inside the heuristic critic's targets
-    (exposure band, contrast, saturation, sharpness band) and averages the cells, so it agrees
+    (exposure band, contrast, saturation, sharpness band; plain cells on exposure only) and
+    averages the cells, so it agrees
     with the heuristic critic by construction: use it to test the loop, not to judge art.
     `colour_match` (0..1) is a crude text alignment: the share of colour words of the prompt
     whose colour covers at least 2% of the pixels.
@@ -62,7 +71,10 @@ class HeuristicScorer(Scorer):
             d = lo - v if v < lo else (v - hi if v > hi else 0.0)
             return max(0.0, 1.0 - d / width)
 
-        terms = [band(st["exposure"], *EXPOSURE_BAND, 0.3), band(st["contrast"], MIN_CONTRAST, 1.0, MIN_CONTRAST),
+        exposure = max(0.0, 1.0 - abs(exposure_error(st)) / 0.3)
+        if st["contrast"] < UNIFORM_CONTRAST:
+            return exposure  # a plain area: judged on exposure only, as the critic does
+        terms = [exposure, band(st["contrast"], MIN_CONTRAST, 1.0, MIN_CONTRAST),
                  band(st["saturation"], MIN_SATURATION, 1.0, MIN_SATURATION),
                  band(st["sharpness"], *SHARPNESS_BAND, 0.3)]
         return float(np.mean(terms))
