@@ -16,6 +16,16 @@ def _fmt(v):
     return str(v)
 
 
+def _flatten(figures: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in figures.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _table(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(no rows)"]
@@ -74,7 +84,7 @@ def render(results_dir: str) -> str:
         if d.get("notes"):
             lines += [str(n) for n in (d["notes"] if isinstance(d["notes"], list) else [d["notes"]])] + [""]
         if d.get("figures"):
-            lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in d["figures"].items()] + [""]
+            lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in _flatten(d["figures"]).items()] + [""]
         lines += _table(d.get("rows", []))
     return "\n".join(lines) + "\n"
 
