@@ -30,8 +30,18 @@ PROMPTS = ["a red circle on a blue background, dim light", "a yellow star in the
 SIZE, STEPS = 64, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in the CLI subprocesses: the same arithmetic on both sides of
+    the byte-identity check, and no thread thrash on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(one_thread):
     return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)
 
 
@@ -178,11 +188,12 @@ def test_pair_picture_and_prompt_files(tmp_path):
 
 def _cli(run_dir, prompts_file):
     return [sys.executable, "-m", "artaug_ext.interact.cli", "interact", "--prompts", str(prompts_file), "--out",
-            str(run_dir), "--model", "tiny-random", "--steps", str(STEPS), "--size", str(SIZE), "--no-progress"]
+            str(run_dir), "--model", "tiny-random", "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
+            "--threads", "1"]
 
 
 def _run_until_paused_then_kill(cmd, pause_at, marker):
-    env = dict(os.environ, ARTAUG_INTERACT_PAUSE_AT=pause_at, ARTAUG_INTERACT_PAUSE_FILE=str(marker))
+    env = dict(os.environ, ARTAUG_INTERACT_PAUSE_AT=pause_at, ARTAUG_INTERACT_PAUSE_FILE=str(marker), OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     if marker.exists():

@@ -24,8 +24,17 @@ SUGG = [Suggestion((0.0, 0.0, 0.5, 0.5), "bright light, vivid red colors in the 
 SIZE, STEPS = 128, 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """No thread thrash on a shared 2-core machine (the tiny model gains nothing from 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(one_thread):
     return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)
 
 

@@ -84,6 +84,8 @@ def add_interact_parser(subparsers) -> None:
     p.add_argument("--no-pictures", action="store_true", help="skip side-by-side pictures of kept pairs")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is much faster on a shared, busy CPU)")
     p.set_defaults(func=cmd_interact)
 
     e = subparsers.add_parser("interact-export", help="merge a run's shards and export kept pairs for DiffSynth's trainer")
@@ -124,6 +126,10 @@ def cmd_interact(args) -> int:
     from .dataset import run_interact
 
     cfg = config_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     try:
         stats = run_interact(cfg, args.out, model_dir=args.model_dir, device=args.device,
