@@ -131,10 +131,41 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _hash_cache_path() -> str:
+    from ..hub import model_root
+
+    return os.path.join(model_root(), ".artaug-sha256-cache.json")
+
+
+def cached_sha256_file(path: str) -> str:
+    """sha256 of a file, remembered by (real path, size, mtime) in the model root: FLUX.1-dev's
+    files are 30+ GB, and every start and every rank would otherwise hash them again."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = sha256_file(real)
+    if st.st_size >= 64 << 20:  # only big files are worth remembering
+        cache[key] = digest
+        try:
+            atomic_write_bytes(cache_file + f".{os.getpid()}", json.dumps(cache, indent=0).encode())
+            os.replace(cache_file + f".{os.getpid()}", cache_file)
+        except OSError:
+            pass
+    return digest
+
+
 def sha256_path(path: str) -> str:
     """sha256 of a file, or of a folder's files (names and contents, sorted)."""
     if os.path.isfile(path):
-        return sha256_file(path)
+        return cached_sha256_file(path)
     h = hashlib.sha256()
     for p in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
         if os.path.isfile(p):
@@ -261,10 +292,10 @@ class InteractRun:
                  model_dir: str | None = None, device: str | None = None, progress: bool = True):
         self.cfg, self.run_dir, self.progress = cfg, os.path.abspath(run_dir), progress
         self.rank, self.world, local = dist_info()
-        if device is None and self.world > 1:
+        if device in (None, "cuda") and self.world > 1:
             import torch
 
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"  # one GPU per rank
         from ..pipeline import default_size, default_steps, load_pipeline, t5_sequence_length
 
         self.steps = cfg.steps or default_steps(cfg.model)
@@ -288,7 +319,7 @@ class InteractRun:
         self.scorer = scorer
         paths = getattr(pipe, "artaug_model_paths", {}) or {}
         self.model_sha = {role: sha256_path(p) for role, p in sorted(paths.items()) if isinstance(p, str)}
-        self.lora_sha = [{"path": os.path.basename(p), "alpha": a, "sha256": sha256_file(p)} for p, a in cfg.loras]
+        self.lora_sha = [{"path": os.path.basename(p), "alpha": a, "sha256": cached_sha256_file(p)} for p, a in cfg.loras]
 
     def items(self) -> list[tuple[int, int]]:
         n = self.cfg.images_per_prompt
