@@ -238,3 +238,19 @@ def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, m
     assert sorted(got) == sorted(ref)
     for name in ref:
         assert got[name] == ref[name], name
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    import argparse
+
+    from artaug_ext.interact.cli import add_interact_parser, main
+
+    assert main(["interact", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("artaug: error: --prompts") and "\n" not in err
+    assert main(["interact-export", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    parser = argparse.ArgumentParser(prog="artaug")
+    add_interact_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["interact", "--prompts", "p", "--out", "o", "--size", "128x64", "--lora", "x.safetensors:0.5"])
+    assert args.size == (128, 64) and args.lora == [("x.safetensors", 0.5)] and args.func.__name__ == "cmd_interact"
