@@ -38,7 +38,10 @@ def test_flux_dev_offline_fails_fast_with_fixes(tmp_path):
     assert "black-forest-labs/FLUX.1-dev" in err[0] and "artaug download" in err[0] and "--model-dir" in err[0]
 
 
-def test_bad_arguments_get_one_line_errors(tmp_path):
+def test_bad_arguments_get_one_line_errors(tmp_path, capsys):
+    # In-process (the subprocess path is covered above): each case must exit 2 with one stderr line.
+    from artaug_ext.cli import main
+
     cases = [
         (["generate", "--prompt", "x", "--height", "100"], "multiple of 16"),
         (["generate", "--prompt", "x", "--model", "sdxl"], "invalid choice"),
@@ -46,12 +49,17 @@ def test_bad_arguments_get_one_line_errors(tmp_path):
         (["generate", "--prompt", "   "], "--prompt is empty"),
         (["generate", "--prompt", "x", "--artaug"], "--artaug needs a FLUX.1-dev model"),
         (["generate", "--prompt", "x", "--out", str(tmp_path / "nope" / "a.png")], "does not exist"),
+        (["generate", "--prompt", "x", "--steps", "0"], "must be positive"),
     ]
     for args, expected in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and expected in lines[0], (args, r.stderr)
+        try:
+            rc = main(args)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, err)
 
 
 def test_network_guard_reaches_subprocesses():
