@@ -12,7 +12,8 @@ A run folder holds
 Every file is written atomically (temporary file, fsync, rename) and an item's manifest line is
 appended last, so a run killed at any point and started again skips finished items, redoes the
 one in flight and ends byte-identical to an uninterrupted run (no timestamps in any file).
-A torn last manifest line (killed mid-append) is cut off on restart.
+A torn last manifest line (killed mid-append) is cut off on restart. Byte-identity assumes
+the same device and torch thread count on every start (they change float rounding).
 
 Multi-GPU: under `accelerate launch` or `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK), prompts are
 sharded by `prompt_index % world_size`; each rank writes its own shard and the last rank to
