@@ -37,6 +37,7 @@ from .models import (
 )
 from .spec import TinyFluxSpec
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from .trained import copy_asset_tokenizers, load_asset_state_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ def is_complete(folder: str) -> bool:
     )
 
 
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,8 +116,13 @@ def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, di
         path = os.path.join(folder, FILES[role])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, metadata={"format": "pt"})
-    clip_vocab = build_clip_tokenizer(os.path.join(folder, FILES["tokenizer"]))
-    t5_vocab = build_t5_tokenizer(os.path.join(folder, FILES["tokenizer_2"]))
+    if spec.weights_from and copy_asset_tokenizers(spec.weights_from, folder):
+        # A trained model keeps the exact tokenizers its text embeddings were trained with.
+        clip_vocab = len(_read_json(os.path.join(folder, FILES["tokenizer"], "vocab.json")))
+        t5_vocab = len(_read_json(os.path.join(folder, FILES["tokenizer_2"], "tokenizer.json"))["model"]["vocab"])
+    else:
+        clip_vocab = build_clip_tokenizer(os.path.join(folder, FILES["tokenizer"]))
+        t5_vocab = build_t5_tokenizer(os.path.join(folder, FILES["tokenizer_2"]))
     if clip_vocab > spec.clip["vocab_size"] or t5_vocab > spec.t5["vocab_size"]:
         raise ValueError(f"tokenizer vocabularies ({clip_vocab}, {t5_vocab}) exceed the text encoders' tables")
     info = {
@@ -129,18 +140,21 @@ def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, di
 def ensure_tiny_model(spec: TinyFluxSpec, root: str) -> str:
     """Return the folder of `spec`'s files under `root`, building them first if needed."""
     folder = model_folder(spec, root)
-    if is_complete(folder):
+    if is_complete(folder) and _matches_assets(spec, folder):
         return folder
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     logger.info("Building the tiny model %r in %s (once)", spec.name, folder)
     tmp = tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent)
     try:
-        modules = build_modules(spec)
-        write_model_files(spec, tmp, file_state_dicts(modules))
+        if spec.weights_from:
+            states = load_asset_state_dicts(spec.weights_from)  # trained weights shipped in the package
+        else:
+            states = file_state_dicts(build_modules(spec))
+        write_model_files(spec, tmp, states)
         if os.path.exists(folder):
-            # An incomplete folder from an interrupted older build: replace it.
-            if is_complete(folder):
+            # An incomplete folder from an interrupted older build (or stale trained weights): replace it.
+            if is_complete(folder) and _matches_assets(spec, folder):
                 return folder
             shutil.rmtree(folder, ignore_errors=True)
         try:
@@ -151,6 +165,16 @@ def ensure_tiny_model(spec: TinyFluxSpec, root: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _matches_assets(spec: TinyFluxSpec, folder: str) -> bool:
+    """A trained model's folder is current only if it was built from the installed assets."""
+    if not spec.weights_from:
+        return True
+    from .trained import WEIGHT_FILES, asset_dir
+
+    info = _read_json(os.path.join(folder, MARKER))
+    return info.get("files", {}).get("dit") == _sha256(os.path.join(asset_dir(spec.weights_from), WEIGHT_FILES["dit"]))
 
 
 def model_file_paths(folder: str) -> dict[str, str]:

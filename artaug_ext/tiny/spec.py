@@ -23,6 +23,9 @@ class TinyFluxSpec:
     default_steps: int = 8
     default_size: int = 256
     description: str = ""
+    # Package asset folder (artaug_ext/assets/<weights_from>/) holding trained weights in the
+    # FLUX.1-dev file layout; None: deterministic random weights from `seed`.
+    weights_from: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -42,9 +45,24 @@ TINY_RANDOM = TinyFluxSpec(
     description="FLUX.1 architecture at CPU size with random weights: its images are noise.",
 )
 
-SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM}
-# Until the trained tiny model ships, `tiny` is the random one.
-ALIASES: dict[str, str] = {"tiny": "tiny-random"}
+# Trained on procedural scenes (recipes/train_tiny.py); same text encoders as tiny-random (frozen).
+TINY_V1 = TinyFluxSpec(
+    name="tiny-v1",
+    dit=dict(dim=256, num_heads=4, num_joint_blocks=2, num_single_blocks=4, axes_dim=(16, 24, 24),
+             input_dim=64, text_dim=64, pooled_dim=32),
+    clip=dict(TINY_RANDOM.clip),
+    t5=dict(TINY_RANDOM.t5),
+    vae=dict(channels=(32, 64, 64, 64)),
+    seed=0,
+    default_steps=8,
+    default_size=256,
+    description="FLUX.1 architecture at CPU size trained on procedural scenes: draws simple shapes from captions.",
+    weights_from="tiny",
+)
+
+SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM, TINY_V1.name: TINY_V1}
+# `tiny` is the trained model; `tiny-random` stays the untrained one (fast unit tests).
+ALIASES: dict[str, str] = {"tiny": "tiny-v1"}
 
 
 def get_spec(name: str) -> TinyFluxSpec:

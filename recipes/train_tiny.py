@@ -1,0 +1,343 @@
+"""Train the embedded `tiny` FLUX model on procedural scenes (CPU or CUDA).
+
+Phases, each resumable (checkpoints under --work-dir; rerun the same command to continue):
+
+1. render     scenes to uint8 arrays (memory-mapped .npy, written by worker processes)
+2. vae        the small FLUX-layout VAE (8x down, 16 latent channels), reconstruction loss
+              plus a latent-statistics term that keeps latents near zero mean, unit std
+3. latents    encode the DiT's scenes once with the trained VAE, captions once with the
+              frozen tiny text encoders (the pipeline's own prompt encoder, same tokenizers)
+4. dit        flow matching with artaug_ext.train on the cached latents, EMA of the weights
+5. export     fp16 safetensors in FLUX.1-dev's layout into --export (the package assets)
+
+    python recipes/train_tiny.py --device cuda --export artaug_ext/assets/tiny
+    python recipes/train_tiny.py --micro            # seconds: a smoke run of every phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from artaug_ext import scenes
+from artaug_ext.tiny import layout
+from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxVAEDecoder, TinyFluxVAEEncoder
+from artaug_ext.tiny.spec import SPECS
+from artaug_ext.tiny.trained import export_model_files
+from artaug_ext.train import FlowMatchObjective, FluxDenoiser, TrainConfig, train
+from artaug_ext.train.loop import make_accelerator
+
+logger = logging.getLogger("train_tiny")
+
+VAE_SEED_BASE = 1_000_000  # VAE scenes: seeds 1e6.., DiT scenes: 0.., held-out PSNR: 9e6..
+PSNR_SEED_BASE = 9_000_000
+
+
+# ---------------------------------------------------------------------------------- render
+
+def _render_chunk(args):
+    path, start, stop, seed_base, size = args
+    arr = np.load(path, mmap_mode="r+")
+    captions = []
+    for i in range(start, stop):
+        scene = scenes.random_scene(seed_base + i, held_out=False)
+        arr[i] = scenes.render(scene, size)
+        captions.append(scene.caption)
+    arr.flush()
+    return start, captions
+
+
+def render_dataset(work: str, name: str, n: int, size: int, seed_base: int, workers: int):
+    """Images [n, size, size, 3] uint8 (memory-mapped) and captions; cached in `work`."""
+    path = os.path.join(work, f"{name}_{size}.npy")
+    cap_path = path + ".captions.json"
+    if os.path.isfile(cap_path):
+        with open(cap_path, encoding="utf-8") as f:
+            captions = json.load(f)
+        if len(captions) == n:
+            return np.load(path, mmap_mode="r"), captions
+    t0 = time.perf_counter()
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+    chunk = max(64, n // (workers * 8) + 1)
+    jobs = [(path, s, min(s + chunk, n), seed_base, size) for s in range(0, n, chunk)]
+    captions = [None] * n
+    from tqdm import tqdm
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        for start, caps in tqdm(pool.imap_unordered(_render_chunk, jobs), total=len(jobs), desc=f"render {name}"):
+            captions[start:start + len(caps)] = caps
+    tmp = cap_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(captions, f)
+    os.replace(tmp, cap_path)  # written last: marks the images complete
+    logger.info("rendered %d %s scenes at %d in %.1fs", n, name, size, time.perf_counter() - t0)
+    return np.load(path, mmap_mode="r"), captions
+
+
+def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] in [-1, 1], the pipeline's VAE input range."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------- VAE
+
+class VAEPair(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.encoder = TinyFluxVAEEncoder(channels=tuple(channels))
+        self.decoder = TinyFluxVAEDecoder(channels=tuple(channels))
+
+
+def vae_loss(model, batch, generator, latent_noise: float = 0.1):
+    x = to_pixels(batch["images"])
+    z = model.encoder(x)
+    noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+    y = model.decoder(z + latent_noise * noise)  # robust to the DiT's imperfect latents
+    rec = (y.float() - x).abs().mean() + ((y.float() - x) ** 2).mean()
+    zf = z.float()
+    mean, std = zf.mean(dim=(0, 2, 3)), zf.std(dim=(0, 2, 3))
+    stats = (mean ** 2).mean() + ((std - 1) ** 2).mean()
+    return rec + 0.01 * stats
+
+
+@torch.no_grad()
+def psnr(encoder, decoder, images: np.ndarray, device, batch: int = 32) -> float:
+    vals = []
+    for s in range(0, len(images), batch):
+        x = to_pixels(torch.from_numpy(np.array(images[s:s + batch])).to(device))
+        y = decoder(encoder(x)).clamp(-1, 1)
+        a = ((x + 1) * 127.5).round()
+        b = ((y.float() + 1) * 127.5).round()
+        mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-6)
+        vals.append(10 * torch.log10(255.0 ** 2 / mse))
+    return float(torch.cat(vals).mean())
+
+
+# -------------------------------------------------------------------------------- latents
+
+@torch.no_grad()
+def encode_images(encoder, images: np.ndarray, device, batch: int = 64) -> torch.Tensor:
+    from tqdm import tqdm
+
+    out = []
+    for s in tqdm(range(0, len(images), batch), desc="encode latents"):
+        x = to_pixels(torch.from_numpy(np.array(images[s:s + batch])).to(device))
+        out.append(encoder(x).to("cpu", torch.float16))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], t5_len: int, batch: int = 256):
+    """The pipeline's own prompt encoder (same tokenizers, padding and pooling as inference)."""
+    from diffsynth.pipelines.flux_image import FluxImageUnit_PromptEmbedder
+    from tqdm import tqdm
+
+    unit = FluxImageUnit_PromptEmbedder()
+    embs, pooled = [], []
+    for s in tqdm(range(0, len(captions), batch), desc="encode captions"):
+        e, p, _ = unit.encode_prompt(pipe.tokenizer_1, pipe.tokenizer_2, pipe.text_encoder_1, pipe.text_encoder_2,
+                                     captions[s:s + batch], device=pipe.device, t5_sequence_length=t5_len)
+        embs.append(e.to("cpu", torch.float16))
+        pooled.append(p.to("cpu", torch.float16))
+    return torch.cat(embs), torch.cat(pooled)
+
+
+def load_text_pipeline(base_model: str, model_dir: str, device: str):
+    """The frozen text encoders and tokenizers, loaded through DiffSynth like at inference.
+
+    Their weights are rounded to fp16 first, as they ship, so training sees the exact
+    embeddings the shipped model will compute.
+    """
+    from artaug_ext.pipeline import load_pipeline
+
+    pipe = load_pipeline(base_model, model_dir=model_dir, device=device, torch_dtype=torch.float32)
+    for enc in (pipe.text_encoder_1, pipe.text_encoder_2):
+        for p in enc.parameters():
+            p.data = p.data.half().float()
+    return pipe
+
+
+# ------------------------------------------------------------------------------------ main
+
+def fit_steps_to_budget(cfg: TrainConfig, budget: float | None, max_steps: int, probe: int = 30):
+    """An on_step hook: after `probe` steps, shrink cfg.steps to what fits the time budget.
+
+    Runs inside the warmup, so the LR schedule (which reads cfg.steps) stays smooth and a
+    time-limited run still ends with a decayed LR.
+    """
+    t0 = [None]
+
+    def hook(step: int):
+        if budget is None:
+            return
+        if step == 1:
+            t0[0] = time.perf_counter()
+        elif step == probe and t0[0] is not None:
+            per_step = (time.perf_counter() - t0[0]) / (probe - 1)
+            cfg.steps = max(probe + 1, min(max_steps, int(budget / per_step * 0.97)))
+            logger.info("%.3fs a step: %d steps fit the %.0fs budget", per_step, cfg.steps, budget)
+
+    return hook
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default="tiny-v1", help="architecture to train (artaug_ext.tiny.spec)")
+    p.add_argument("--base-model", default="tiny-random", help="model whose frozen text encoders and tokenizers to use")
+    p.add_argument("--work-dir", default="/tmp/artaug_tiny_train", help="data caches and checkpoints")
+    p.add_argument("--export", default=None, help="write the trained fp16 model files here (e.g. artaug_ext/assets/tiny)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--vae-scenes", type=int, default=20000)
+    p.add_argument("--vae-size", type=int, default=128)
+    p.add_argument("--vae-steps", type=int, default=6000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-time", type=float, default=None, help="seconds: stop the VAE phase early")
+    p.add_argument("--dit-scenes", type=int, default=40000)
+    p.add_argument("--size", type=int, default=256, help="DiT training resolution (pixels)")
+    p.add_argument("--dit-steps", type=int, default=8000)
+    p.add_argument("--dit-batch", type=int, default=128)
+    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--dit-time", type=float, default=None, help="seconds: stop the DiT phase early")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--export-every", type=int, default=1000, help="DiT steps between exports (a cut run still ships)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--micro", action="store_true", help="a seconds-long smoke run of every phase")
+    args = p.parse_args(argv)
+    if args.micro:
+        args.vae_scenes, args.vae_steps, args.vae_batch = 64, 3, 4
+        args.dit_scenes, args.dit_steps, args.dit_batch, args.size = 64, 3, 4, 128
+        args.export_every, args.checkpoint_every = 2, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = SPECS[args.spec]
+    os.makedirs(args.work_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    report = {"spec": spec.name, "device": device, "args": vars(args)}
+    t_start = time.perf_counter()
+    cpu = device == "cpu"
+
+    # 1-2. VAE
+    vae_images, _ = render_dataset(args.work_dir, "vae", args.vae_scenes, args.vae_size, VAE_SEED_BASE, args.workers)
+    vae = VAEPair(spec.vae["channels"])
+    vae_cfg = TrainConfig(
+        output_dir=os.path.join(args.work_dir, "vae"), steps=args.vae_steps, batch_size=args.vae_batch,
+        lr=args.vae_lr, warmup_steps=min(200, args.vae_steps // 10), schedule="cosine", seed=args.seed,
+        checkpoint_every=args.checkpoint_every, time_budget_s=args.vae_time, log_every=200,
+    )
+    get_vae = lambda idx: {"images": torch.from_numpy(np.stack([vae_images[i] for i in idx]))}  # noqa: E731
+    t0 = time.perf_counter()
+    vae_fit = fit_steps_to_budget(vae_cfg, args.vae_time, args.vae_steps)
+    res = train(vae, vae_loss, get_vae, len(vae_images), vae_cfg, accelerator=make_accelerator(vae_cfg, cpu=cpu),
+                on_step=lambda step, loss: vae_fit(step))
+    report["vae"] = {"steps": res.step, "seconds": round(time.perf_counter() - t0, 1),
+                     "final_loss": float(np.mean(res.losses[-50:])) if res.losses else None}
+    vae = vae.to(device).eval()
+    held = [scenes.render(scenes.random_scene(PSNR_SEED_BASE + i, held_out=None), 128) for i in range(64 if not args.micro else 4)]
+    report["vae"]["psnr_128"] = psnr(vae.encoder, vae.decoder, np.stack(held), device)
+    held256 = [scenes.render(scenes.random_scene(PSNR_SEED_BASE + i, held_out=None), 256) for i in range(32 if not args.micro else 2)]
+    report["vae"]["psnr_256"] = psnr(vae.encoder, vae.decoder, np.stack(held256), device)
+    logger.info("VAE: %s", report["vae"])
+
+    # 3. cached latents and caption embeddings
+    images, captions = render_dataset(args.work_dir, "dit", args.dit_scenes, args.size, 0, args.workers)
+    cache = os.path.join(args.work_dir, f"dit_cache_{args.size}_{res.step}.pt")
+    if os.path.isfile(cache):
+        data = torch.load(cache)
+    else:
+        text_pipe = load_text_pipeline(args.base_model, os.path.join(args.work_dir, "models"), device)
+        emb, pooled = encode_captions(text_pipe, captions, spec.t5_sequence_length)
+        data = {"latents": encode_images(vae.encoder, images, device), "prompt_emb": emb, "pooled_prompt_emb": pooled}
+        torch.save(data, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+        del text_pipe
+    lat = data["latents"].float()
+    report["latents"] = {"mean": float(lat.mean()), "std": float(lat.std()), "shape": list(lat.shape)}
+    logger.info("latents: %s", report["latents"])
+    on_dev = {k: v.to(device) for k, v in data.items()}
+
+    # 4. DiT
+    torch.manual_seed(args.seed)
+    dit = TinyFluxDiT(**spec.dit)
+    denoiser = FluxDenoiser(dit, use_gradient_checkpointing=args.gradient_checkpointing)
+    ema = copy.deepcopy(dit).requires_grad_(False).to(device)
+    objective = FlowMatchObjective(weighting="uniform")
+    dit_cfg = TrainConfig(
+        output_dir=os.path.join(args.work_dir, "dit"), steps=args.dit_steps, batch_size=args.dit_batch,
+        grad_accum=args.grad_accum, lr=args.dit_lr, warmup_steps=min(300, args.dit_steps // 10),
+        schedule="cosine", seed=args.seed, checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time,
+        log_every=200,
+    )
+    accelerator = make_accelerator(dit_cfg, cpu=cpu)
+    accelerator.register_for_checkpointing(ema)  # so a resumed run keeps its EMA
+
+    def loss_fn(model, batch, generator):
+        return objective(model, batch["latents"].float(), batch["prompt_emb"].float(),
+                         batch["pooled_prompt_emb"].float(), generator)
+
+    def get_batch(idx):
+        ix = torch.tensor(idx, device=device)
+        return {k: v[ix] for k, v in on_dev.items()}
+
+    def export():
+        if not args.export:
+            return
+        base = os.path.join(args.work_dir, "models", SPECS[args.base_model].model_id)
+        from safetensors.torch import load_file
+
+        states = {
+            "dit": layout.dit_file_state_dict(ema),
+            "vae": layout.vae_file_state_dict(vae.encoder, vae.decoder),
+            "text_encoder": load_file(os.path.join(base, "text_encoder/model.safetensors")),
+            "text_encoder_2": load_file(os.path.join(base, "text_encoder_2/model.safetensors")),
+        }
+        export_model_files(states, base, args.export)
+        logger.info("exported the model to %s", args.export)
+
+    dit_fit = fit_steps_to_budget(dit_cfg, args.dit_time, args.dit_steps)
+
+    def on_step(step, loss):
+        dit_fit(step)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), dit.parameters(), strict=True):
+                e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        if args.export_every and step % args.export_every == 0:
+            export()
+
+    t0 = time.perf_counter()
+    res = train(denoiser, loss_fn, get_batch, len(lat), dit_cfg, accelerator=accelerator, on_step=on_step)
+    report["dit"] = {"steps": res.step, "seconds": round(time.perf_counter() - t0, 1),
+                     "final_loss": float(np.mean(res.losses[-100:])) if res.losses else None,
+                     "params_M": round(sum(p.numel() for p in dit.parameters()) / 1e6, 2)}
+    logger.info("DiT: %s", report["dit"])
+    export()
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(args.work_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(json.dumps({k: v for k, v in report.items() if k != "args"}, default=str))
+    return 0 if math.isfinite(report["dit"]["final_loss"] or 0.0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
