@@ -273,3 +273,9 @@ def test_transformers_backend_on_tiny_random_qwen2_vl():
     critic = TransformersCritic(model, processor, convention="qwen2-vl", max_new_tokens=24)
     r = critic.critique(Image.new("RGB", (64, 64), (200, 10, 10)), "a red circle")
     assert r.suggestions == [] and r.reason  # random weights: garbage text, no boxes, and it says why
+
+
+def test_qwen2_vl_json_answer_is_read_on_the_1000_grid(server_factory):
+    srv = server_factory([(200, '[{"bbox_2d": [0, 0, 500, 250], "label": "bright light"}]', 0.0)])
+    r = OpenAICritic(srv.url, "Qwen2-VL-72B-Instruct").critique(Image.new("RGB", (64, 64)), "x")
+    assert r.suggestions[0].box == (0.0, 0.0, 0.5, 0.25)

@@ -120,3 +120,14 @@ def test_round_trip_dict():
     s = Suggestion((0.1, 0.2, 0.3, 0.4), "vivid red", "atmosphere", "dull")
     r = ParseResult([s], "")
     assert ParseResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_coords_applies_to_bbox_2d_only():
+    text = ('[{"bbox_2d": [100, 100, 500, 500], "label": "a"}, {"box": [0.1, 0.1, 0.5, 0.5], "prompt": "b"}]'
+            " c(100,100),(500,500)")
+    r = parse_suggestions(text, (1000, 500), coords="rel1000")
+    assert boxes(r) == [(0.1, 0.1, 0.5, 0.5), (0.1, 0.1, 0.5, 0.5)]
+    r = parse_suggestions(text, (1000, 500))
+    assert boxes(r) == [(0.1, 0.2, 0.5, 1.0), (0.1, 0.1, 0.5, 0.5)]
+    glm = parse_suggestions("sky <|begin_of_box|>[0,0,500,500]<|end_of_box|>", (64, 64), coords="abs")
+    assert boxes(glm) == [(0.0, 0.0, 0.5, 0.5)]

@@ -82,8 +82,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 
 
 
 def parse_for_convention(text: str, convention: str, sent_size: tuple[int, int], max_suggestions: int) -> ParseResult:
-    """Parse an answer with the coordinate convention of the model that wrote it."""
-    coords = "rel1000" if convention in ("qwen3-vl", "glm-v") else "auto"
+    """Parse an answer with the coordinate convention of the model that wrote it: only Qwen2.5-VL
+    answers in absolute pixels (of the image it saw); the others use the 0-1000 grid."""
+    coords = "abs" if convention == "qwen2.5-vl" else "rel1000"
     return parse_suggestions(text, sent_size, coords=coords, max_suggestions=max_suggestions)
 
 

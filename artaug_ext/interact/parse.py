@@ -9,7 +9,7 @@ convention we target (DESIGN.md section 2) and returns normalised boxes:
 - GLM-V: `label <|begin_of_box|>[x0,y0,x1,y1]<|end_of_box|>` on a 0-1000 grid;
 - JSON (bare or inside ```json fences, one object or a list, or {"suggestions": [...]}):
   `bbox_2d` in absolute pixels of `image_size` (Qwen2.5-VL; pass coords="rel1000" for
-  Qwen3-VL) or `box` already normalised to [0, 1].
+  Qwen3-VL, and for Qwen2-VL answering in JSON) or `box` already normalised to [0, 1].
 
 It never raises: on garbage (truncated or absurdly nested JSON included) it returns no
 suggestions and a `reason`, because a critic's bad answer must not stop a long run.
@@ -223,8 +223,10 @@ def parse_suggestions(text, image_size: tuple[int, int], coords: str = "auto",
                       max_suggestions: int | None = None) -> ParseResult:
     """Suggestions found in `text`; `image_size` = (width, height) the coordinates refer to.
 
-    coords: "auto" (each format's own convention: tokens and GLM boxes on 0-1000, `bbox_2d`
-    absolute pixels, `box` normalised), or force "abs", "rel1000" or "norm" for all boxes.
+    coords: how to read `bbox_2d` numbers: "auto"/"abs" = absolute pixels of `image_size`
+    (Qwen2.5-VL), "rel1000" = 0-1000 grid (Qwen2-VL and Qwen3-VL when they answer in JSON),
+    "norm" = already in [0, 1]. Inline token boxes (Qwen2-VL, GLM-V) are always on the 0-1000
+    grid and JSON `box` is always normalised.
     """
     try:
         return _parse(text, image_size, coords, max_suggestions)
@@ -272,9 +274,11 @@ def _parse(text, image_size, coords, max_suggestions) -> ParseResult:
 
     kept, no_box, no_prompt = [], 0, 0
     for c in candidates:
-        convention = coords
-        if convention == "auto":
-            convention = {"bbox_2d": "abs", "box": "norm"}.get(c.get("kind", ""), "rel1000")
+        kind = c.get("kind", "")
+        if kind == "bbox_2d":
+            convention = "abs" if coords == "auto" else coords
+        else:  # inline tokens are on 0-1000 and `box` is normalised, whatever the model
+            convention = "norm" if kind == "box" else "rel1000"
         box = _to_box(c["coords"], _scale_for(convention, (w, h)))
         prompt = " ".join(str(c.get("prompt") or "").split())
         if not any(ch.isalpha() for ch in prompt):
