@@ -254,3 +254,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     add_interact_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["interact", "--prompts", "p", "--out", "o", "--size", "128x64", "--lora", "x.safetensors:0.5"])
     assert args.size == (128, 64) and args.lora == [("x.safetensors", 0.5)] and args.func.__name__ == "cmd_interact"
+
+
+def test_concurrent_critic_chunks_keep_order_and_results(tmp_path, pipe, monkeypatch):
+    from artaug_ext.interact.critics import HeuristicCritic
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    class Concurrent(HeuristicCritic):
+        max_concurrency = 3
+        batches = []
+
+        def critique_many(self, items):
+            self.batches.append(len(items))
+            return [self.critique(im, p) for im, p in items]
+
+    critic = Concurrent()
+    run_interact(cfg(), str(tmp_path / "a"), pipe=pipe, critic=critic, progress=False)
+    run_interact(cfg(), str(tmp_path / "b"), pipe=pipe, progress=False)
+    assert critic.batches == [3, 1]
+    a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
+    assert a["manifest.jsonl"] == b["manifest.jsonl"]
+    assert {k: v for k, v in a.items() if k.startswith("images")} == {k: v for k, v in b.items() if k.startswith("images")}

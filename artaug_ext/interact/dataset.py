@@ -331,25 +331,42 @@ class InteractRun:
             for p in glob.glob(os.path.join(self.run_dir, "*", f"{i}*.tmp")):
                 os.remove(p)
 
-    def process(self, prompt_index: int, image_index: int) -> dict:
+    def _common(self, prompt_index: int, image_index: int) -> dict:
+        seed = self.cfg.seed + prompt_index * self.cfg.images_per_prompt + image_index
+        return dict(seed=seed, steps=self.steps, height=self.height, width=self.width, t5_sequence_length=self.t5_len,
+                    embedded_guidance=self.cfg.guidance)
+
+    def generate_original(self, prompt_index: int, image_index: int) -> Image.Image:
+        """Step 1: the original image, written as images/{id}.original.png."""
+        original = enhance(self.pipe, self.cfg.prompts[prompt_index], [], **self._common(prompt_index, image_index))
+        rel = f"images/{item_id(prompt_index, image_index)}.original.png"
+        atomic_write_bytes(os.path.join(self.run_dir, rel), png_bytes(original))
+        return original
+
+    def critique_many(self, items: list[tuple[Image.Image, str]]) -> list[ParseResult]:
+        """Step 2: critiques; concurrent for critics that can (a VLM server), in order."""
+        if len(items) > 1 and hasattr(self.critic, "critique_many"):
+            results = self.critic.critique_many(items)
+        else:
+            results = [self.critic.critique(image, prompt) for image, prompt in items]
+        for r in results:
+            if not isinstance(r, ParseResult):
+                raise TypeError(f"critic {self.cfg.critic} returned {type(r).__name__}, not ParseResult")
+        return results
+
+    def finish(self, prompt_index: int, image_index: int, original: Image.Image, critique: ParseResult) -> dict:
+        """Steps 3-5: enhance, score, keep or not, picture; returns the manifest record."""
         cfg, pipe = self.cfg, self.pipe
         prompt = cfg.prompts[prompt_index]
         iid = item_id(prompt_index, image_index)
-        seed = cfg.seed + prompt_index * cfg.images_per_prompt + image_index
-        common = dict(seed=seed, steps=self.steps, height=self.height, width=self.width, t5_sequence_length=self.t5_len,
-                      embedded_guidance=cfg.guidance)
-        original = enhance(pipe, prompt, [], **common)  # no regions: a plain generation
-        rel_orig = f"images/{iid}.original.png"
-        atomic_write_bytes(os.path.join(self.run_dir, rel_orig), png_bytes(original))
-        critique = self.critic.critique(original, prompt)
-        if not isinstance(critique, ParseResult):
-            raise TypeError(f"critic {cfg.critic} returned {type(critique).__name__}, not ParseResult")
+        common = self._common(prompt_index, image_index)
         record = {
-            "id": iid, "prompt_index": prompt_index, "image_index": image_index, "prompt": prompt, "seed": seed,
+            "id": iid, "prompt_index": prompt_index, "image_index": image_index, "prompt": prompt, "seed": common["seed"],
             "model": cfg.model, "model_sha256": self.model_sha, "loras": self.lora_sha, "steps": self.steps,
             "height": self.height, "width": self.width, "critic": cfg.critic,
             "suggestions": [s.to_dict() for s in critique.suggestions], "critic_reason": critique.reason,
-            "original": rel_orig, "enhanced": None, "picture": None, "scores": {}, "gain": None, "kept": False,
+            "original": f"images/{iid}.original.png", "enhanced": None, "picture": None, "scores": {}, "gain": None,
+            "kept": False,
         }
         if not critique.suggestions:
             record["why"] = f"no suggestions: {critique.reason}"
@@ -368,6 +385,12 @@ class InteractRun:
             record["picture"] = rel_pic
         return record
 
+    def process(self, prompt_index: int, image_index: int) -> dict:
+        """One item start to finish (the manifest line is the caller's to write)."""
+        original = self.generate_original(prompt_index, image_index)
+        (critique,) = self.critique_many([(original, self.cfg.prompts[prompt_index])])
+        return self.finish(prompt_index, image_index, original, critique)
+
     def run(self) -> dict:
         from tqdm import tqdm
 
@@ -384,11 +407,19 @@ class InteractRun:
         t0 = time.perf_counter()
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", desc=f"interact rank {self.rank}",
                    disable=not self.progress)
-        for p, i in todo:
-            _test_hook("item")
-            record = self.process(p, i)
-            append_line(shard, record)
-            bar.update(1)
+        # Items go in chunks as large as the critic's concurrency: originals first, then their
+        # critiques in parallel (a VLM server is slow per request), then enhancement in order.
+        chunk = max(1, int(getattr(self.critic, "max_concurrency", 1) or 1))
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            originals = []
+            for p, i in part:
+                _test_hook("item")
+                originals.append(self.generate_original(p, i))
+            critiques = self.critique_many([(im, self.cfg.prompts[p]) for im, (p, _) in zip(originals, part, strict=True)])
+            for (p, i), original, critique in zip(part, originals, critiques, strict=True):
+                append_line(shard, self.finish(p, i, original, critique))
+                bar.update(1)
         bar.close()
         seconds = time.perf_counter() - t0
         atomic_write_bytes(os.path.join(self.run_dir, "shards", f"done-rank{self.rank:05d}-of-{self.world:05d}"), b"done\n")
