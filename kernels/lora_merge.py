@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Smallest fp32 magnitude that rounds (to nearest even) to Inf in each weight dtype: the
+# overflow test must look at the ROUNDED value (fp16 overflows from 65520, far below
+# fp32's range). Both thresholds are exact in fp32.
+_INF_AT = {torch.float32: float("inf"), torch.float16: 65520.0, torch.bfloat16: float.fromhex("0x1.ffp127")}
 # Rows per chunk in the torch path: keeps the fp32 temporaries near 16 MiB per chunk.
 _CHUNK_ELEMS = 1 << 22
 
@@ -92,7 +96,7 @@ def _get_kernel():
         w_ptr, a_ptr, b_ptr, flag_ptr,
         M, N, R,
         stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
-        scale,
+        scale, inf_at,
         W_KIND: tl.constexpr,  # 0 fp32, 1 fp16, 2 bf16 (then w_ptr is the int16 view)
         MMA_LOWP: tl.constexpr,  # factors fed to tl.dot as loaded (bf16/fp16; GPU only)
         DOT_PREC: tl.constexpr,  # operand precision for fp32 factors
@@ -129,8 +133,8 @@ def _get_kernel():
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         out = w + scale * acc
 
-        # Overflow: finite in, infinite out.
-        bad = (tl.abs(out) == float("inf")) & (tl.abs(w) != float("inf")) & mask
+        # Overflow: finite in, infinite once rounded to the weight's dtype.
+        bad = (tl.abs(out) >= inf_at) & (tl.abs(w) != float("inf")) & mask
         nbad = tl.sum(bad.to(tl.int32), axis=1)
         nbad = tl.sum(nbad, axis=0)
         if nbad > 0:
@@ -175,7 +179,7 @@ def _launch(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
     kernel[grid](
         w, lora_A, lora_B, flag, M, N, R,
         w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scale),
+        float(scale), _INF_AT[weight.dtype],
         W_KIND=_W_KIND[weight.dtype], MMA_LOWP=lowp,
         DOT_PREC="tf32x3" if on_gpu else "ieee",
         BLOCK_R=block_r,
@@ -204,14 +208,18 @@ def _merge_torch(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     M, N = weight.shape
     a32 = lora_A.to(torch.float32)
     rows = max(1, _CHUNK_ELEMS // max(N, 1))
+    inf_at = _INF_AT[weight.dtype]
     overflow = False
     for m0 in range(0, M, rows):
         w_chunk = weight[m0:m0 + rows]
         out = w_chunk.to(torch.float32)
         # w + scale * (B @ A) in the GEMM's epilogue: no extra passes over the chunk
         out.addmm_(lora_B[m0:m0 + rows].to(torch.float32), a32, alpha=scale)
-        if not overflow and bool(torch.isinf(out).any()):
-            overflow = bool((torch.isinf(out) & torch.isfinite(w_chunk)).any())
+        if not overflow:
+            lo, hi = torch.aminmax(out)  # one pass, no temporary; NaN fails both tests
+            if not (float(hi) < inf_at and float(lo) > -inf_at):
+                big = out.abs() >= inf_at  # Inf once rounded to the weight's dtype
+                overflow = bool((big & torch.isfinite(w_chunk)).any())
         w_chunk.copy_(out)  # the one rounding (round to nearest even)
     return overflow
 

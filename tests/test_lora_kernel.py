@@ -133,6 +133,24 @@ def test_overflow_detected(path):
     assert e.value.layers == [1]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("dtype,w0,delta", [(torch.float16, 60000.0, 6000.0),
+                                            (torch.bfloat16, 3.3895e38, 1e36)])
+def test_overflow_on_rounding_detected(path, dtype, w0, delta):
+    """w + delta is finite in fp32 but rounds to Inf in the weight's dtype: still an overflow."""
+    w = torch.full((8, 8), w0, dtype=dtype)
+    a = torch.ones(1, 8, dtype=dtype)
+    b = torch.full((8, 1), delta, dtype=dtype)
+    assert torch.isfinite(w.float() + delta).all() and torch.isinf((w.float() + delta).to(dtype)).all()
+    with pytest.raises(artaug_kernels.LoRAMergeOverflowError) as e:
+        artaug_kernels.lora_merge_(w, a, b, 1.0)
+    assert e.value.layers == [0]
+    # just below the threshold: no error, and the result is finite
+    w = torch.full((8, 8), w0, dtype=dtype)
+    artaug_kernels.lora_merge_(w, a, torch.zeros(8, 1, dtype=dtype), 1.0)
+    assert torch.isfinite(w).all()
+
+
 def test_rounding_stats_is_exact():
     """The accuracy figure itself: a brute-force check on fp16 against every candidate."""
     exact = torch.randn(2000, dtype=torch.float64) * 3
