@@ -100,6 +100,9 @@ def test_kohya_per_layer_alpha_and_globals(dit):
         bfl[f"diffusion_model.{base}.{suffix.replace('lora_down', 'lora_A').replace('lora_up', 'lora_B')}"] = v
     rep = run(dit, bfl, updates, alpha=0.7)
     assert rep.formats == ["bfl"]
+    # ComfyUI-style "model.diffusion_model." prefix (contains ".diff": not a LyCORIS diff file)
+    rep = run(dit, {"model." + k: v for k, v in bfl.items()}, updates, alpha=0.7)
+    assert rep.formats == ["bfl"]
 
 
 def test_diffusers_split_qkv_and_q_v_only(dit):
@@ -237,7 +240,9 @@ def test_errors(dit, caplog):
         load_lora(dit, {"foo.lora_A.weight": a, "foo.lora_B.weight": b}, strict=False)
     for key, what in [("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LoKr"),
                       ("lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a", "LoHa"),
-                      ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA")]:
+                      ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
+                      ("diffusion_model.double_blocks.0.img_attn.qkv.diff", "full-weight diff"),
+                      ("diffusion_model.double_blocks.0.img_attn.qkv.diff_b", "full-weight diff")]:
         with pytest.raises(UnsupportedLoRAError, match=f"this is a.* {what} file, not supported yet"):
             load_lora(dit, dict(good, **{key: a}))
     wrong = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": a,

@@ -121,11 +121,14 @@ _SUFFIXES = [
     (re.compile(r"\.down\.weight$"), "A"), (re.compile(r"\.up\.weight$"), "B"),
     (re.compile(r"\.alpha$"), "alpha"),
 ]
+# Substrings of a key, except the full-weight diffs, whose marker is the key's last part
+# (a plain ".diff" substring would also match the "model.diffusion_model." prefix).
 _LYCORIS = [
-    ("lokr_", "a LyCORIS LoKr file"), ("hada_", "a LyCORIS LoHa file"),
-    ("dora_scale", "a DoRA file"), ("lora_magnitude_vector", "a DoRA file"),
-    ("lora_mid", "a LyCORIS LoCon (Tucker) file"), (".diff_b", "a full-weight diff file"),
-    (".diff", "a full-weight diff file"), ("oft_", "an OFT file"), ("ia3_", "an IA3 file"),
+    (re.compile(r"lokr_"), "a LyCORIS LoKr file"), (re.compile(r"hada_"), "a LyCORIS LoHa file"),
+    (re.compile(r"dora_scale"), "a DoRA file"), (re.compile(r"lora_magnitude_vector"), "a DoRA file"),
+    (re.compile(r"lora_mid"), "a LyCORIS LoCon (Tucker) file"),
+    (re.compile(r"\.diff(_b)?$"), "a full-weight diff file"),
+    (re.compile(r"oft_"), "an OFT file"), (re.compile(r"ia3_"), "an IA3 file"),
 ]
 
 
@@ -253,8 +256,8 @@ def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _refuse_lycoris(keys) -> None:
-    for needle, what in _LYCORIS:
-        hits = [k for k in keys if needle in k]
+    for pattern, what in _LYCORIS:
+        hits = [k for k in keys if pattern.search(k)]
         if hits:
             raise UnsupportedLoRAError(f"this is {what}, not supported yet ({len(hits)} such keys, e.g. {hits[0]!r})")
 
