@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--files", nargs="+", default=None, help="file patterns to fetch (default: the catalogue's files, else all)")
     dl.add_argument("--model-dir", default=None, help="model root to download into")
     dl.add_argument("--revision", default=None)
+
+    from .interact.cli import add_interact_parser
+
+    add_interact_parser(sub)
     return parser
 
 
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "download":
             return cmd_download(args)
+        if args.command in ("interact", "interact-export"):
+            return args.func(args)
     except (CLIError, HubError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"artaug: error: {msg}", file=sys.stderr)

@@ -115,3 +115,17 @@ def test_generate_with_kernels_in_interpreter_matches_plain(tmp_path):
     a = np.asarray(Image.open(tmp_path / "plain.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "fused.png")).astype(int)
     assert np.abs(a - b).max() <= 1  # fp32 pipeline: same image up to 8-bit rounding
+
+
+def test_interact_subcommand_through_artaug(tmp_path):
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a blue background, dim light\n")
+    r = run_cli("interact", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--model", "tiny-random",
+                "--size", "64", "--steps", "2", "--no-progress", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (tmp_path / "run").glob("**/*.jsonl").__next__().read_text().splitlines() if x]
+    assert lines and lines[0]["prompt"].startswith("a red circle")
+    r = run_cli("interact", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run2"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing.txt" in r.stderr
