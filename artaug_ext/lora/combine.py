@@ -85,8 +85,8 @@ def truncate_layer(layer: LoRALayer, rank: int) -> tuple[LoRALayer, float]:
 
 def combine_loras(loras, weights=None, *, average: bool = False, rank: int | None = None):
     """Exact weighted sum (or weighted average) of LoRAs by rank concatenation, optionally
-    truncated to `rank`. Returns (layers, info) with info["energy"] per layer and its
-    minimum and weighted mean (when truncated)."""
+    truncated to `rank`. Returns (layers, info): info["ranks_before"] per layer and, when
+    truncated, info["energy"] (retained energy per layer) and info["min_energy"]."""
     loras = list(loras)
     weights = [1.0] * len(loras) if weights is None else [float(w) for w in weights]
     if len(weights) != len(loras):
@@ -145,13 +145,19 @@ def kohya_name(key: str) -> str:
 
 def kohya_state_dict(layers: dict[str, LoRALayer], dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """kohya keys with `.alpha` = rank, so each layer's alpha / rank is 1 and every loader
-    (DiffSynth's one-alpha-per-file guess included) reads the scale right."""
+    (DiffSynth's one-alpha-per-file guess included) reads the scale right. Where the rank
+    is not exact in `dtype` (bf16: odd ranks above 256) the stored alpha is the rounded
+    rank and B carries the factor rank / alpha, so alpha / rank * B is still exact."""
     sd = {}
     for key, layer in layers.items():
         name = kohya_name(key)
+        alpha = torch.tensor(float(layer.rank), dtype=dtype)
+        b = layer.B
+        if layer.rank and float(alpha) != layer.rank:
+            b = (b.double() * (layer.rank / float(alpha))).to(b.dtype)
         sd[f"{name}.lora_down.weight"] = layer.A.to(dtype).contiguous()
-        sd[f"{name}.lora_up.weight"] = layer.B.to(dtype).contiguous()
-        sd[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=dtype)
+        sd[f"{name}.lora_up.weight"] = b.to(dtype).contiguous()
+        sd[f"{name}.alpha"] = alpha
     return sd
 
 
