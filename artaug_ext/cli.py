@@ -98,9 +98,11 @@ def cmd_generate(args) -> int:
         _load_artaug(pipe, args)
     on_cuda = str(pipe.device).startswith("cuda")
     if args.kernels if args.kernels is not None else on_cuda:
+        from artaug_kernels import interpreter_mode
+
         from .patch import apply_kernels
 
-        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not on_cuda and not interpreter_mode():
             logger.warning("--kernels on %s: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
                            "DiffSynth's own attention runs instead", pipe.device)
         apply_kernels(pipe)

@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from artaug_kernels import interpreter_mode
 from artaug_kernels.lora_merge import lora_merge_, lora_merge_grouped_, lora_merge_reference, rounding_stats
 
 log = logging.getLogger("bench_lora_merge")
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     result = {"name": "lora_merge",
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
               "torch": torch.__version__, "triton": triton_version, "dry_run": bool(args.dry_run),
-              "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+              "interpreter": interpreter_mode(),
               "rows": [], "figures": {}}
     torch.manual_seed(0)
     bench_shapes(shapes, rank, device, reps, result["rows"], result["figures"])

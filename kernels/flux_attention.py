@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._env import interpreter_mode
+
+INTERPRET = interpreter_mode()  # read once, like Triton (kernels are decorated at import)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 import torch
+
+from ._env import interpreter_mode
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ class LoRAMergeOverflowError(FloatingPointError):
     def __init__(self, layers: list[int], message: str | None = None):
         self.layers = list(layers)
         super().__init__(message or f"LoRA merge overflowed to Inf in layer(s) {self.layers}")
-
-
-def interpreter_mode() -> bool:
-    """True when Triton kernels run on CPU through the interpreter (read at import of the
-    kernels, so this must match how the process started)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------

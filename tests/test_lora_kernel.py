@@ -198,3 +198,13 @@ def test_gpu_custom_op_compiles():
 
     f(w, a, b, flag)
     check(before.cpu(), w.cpu(), a.cpu(), b.cpu(), 1.0)
+
+
+def test_interpreter_switch_parsed_like_triton(monkeypatch):
+    """Both kernels and the CLI read TRITON_INTERPRET as Triton does, so their CPU dispatch
+    and bf16 work-arounds switch on exactly when Triton's interpreter does."""
+    from triton import knobs
+
+    for value in ("1", "true", "TRUE", "yes", "on", "y", "0", "false", "off", "2", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert artaug_kernels.interpreter_mode() == bool(knobs.runtime.interpret), value
