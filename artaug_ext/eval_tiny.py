@@ -40,10 +40,14 @@ def evaluate(pipe, n_prompts: int = 64, n_lighting: int = 32, size: int | None =
     hits = {k: 0 for k in analyse.ATTRIBUTES}
     kept = []
     prompts = held_out_prompts(n_prompts)
+    swaps = 0
     for i, scene in enumerate(tqdm(prompts, desc="held-out prompts", disable=not progress)):
         image = gen(scene.caption, i)
-        for k, ok in analyse.matches(analyse.analyse(image), scene).items():
+        found = analyse.analyse(image)
+        for k, ok in analyse.matches(found, scene).items():
             hits[k] += ok
+        # Object and background colours exchanged: the binding error, apart from wrong colours.
+        swaps += found.colour == scene.background and found.background == scene.main.colour
         if len(kept) < keep_images:
             kept.append((image, scene.caption))
     brighter = 0
@@ -56,6 +60,7 @@ def evaluate(pipe, n_prompts: int = 64, n_lighting: int = 32, size: int | None =
         "model": getattr(pipe, "artaug_model_name", "?"),
         "prompts": n_prompts,
         "attributes": {k: {"match": hits[k] / max(n_prompts, 1), "chance": chance[k]} for k in analyse.ATTRIBUTES},
+        "colour_swaps": swaps / max(n_prompts, 1),
         "lighting": {"pairs": n_lighting, "bright_brighter": brighter / max(n_lighting, 1), "chance": 0.5},
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -72,7 +77,7 @@ def format_report(result: dict) -> str:
     light = result["lighting"]
     lines.append(f"{'lighting':<12}{light['bright_brighter']:>8.1%}{light['chance']:>8.1%}"
                  f"   ('bright' brighter than 'dim', {light['pairs']} pairs)")
-    lines.append(f"({result['seconds']:.0f}s)")
+    lines.append(f"object and background colours swapped in {result['colour_swaps']:.1%} ({result['seconds']:.0f}s)")
     return "\n".join(lines)
 
 
