@@ -92,26 +92,30 @@ def cmd_generate(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise CLIError(f"--out {args.out}: folder {out_dir} does not exist")
+    out_ext = os.path.splitext(args.out)[1]
+    if out_ext:
+        from PIL import Image
+
+        if out_ext.lower() not in Image.registered_extensions():
+            raise CLIError(f"--out {args.out}: unknown image format {out_ext!r} (use .png, .jpg or .webp)")
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, model_dir=args.model_dir, device=args.device)
     if use_artaug:
         _load_artaug(pipe, args)
     on_cuda = str(pipe.device).startswith("cuda")
     if args.kernels if args.kernels is not None else on_cuda:
-        from artaug_kernels import interpreter_mode
-
-        from .patch import apply_kernels
-
-        if not on_cuda and not interpreter_mode():
-            logger.warning("--kernels on %s: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
-                           "DiffSynth's own attention runs instead", pipe.device)
-        apply_kernels(pipe)
+        _apply_kernels(pipe, requested=bool(args.kernels))
     t1 = time.perf_counter()
     image = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
                      embedded_guidance=args.guidance)
-    tmp = args.out + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, args.out)
+    root, ext = os.path.splitext(args.out)
+    tmp = f"{root}.tmp{ext or '.png'}"  # the extension picks the format: keep it
+    try:
+        image.save(tmp)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     t2 = time.perf_counter()
     logger.info("load %.1fs, generate %.1fs", t1 - t0, t2 - t1)
     if args.kernels or on_cuda:
@@ -120,6 +124,25 @@ def cmd_generate(args) -> int:
         logger.info("attention kernel calls: %s", kernel_stats())
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, model {args.model}, seed {args.seed}, {t2 - t0:.1f}s)")
     return 0
+
+
+def _apply_kernels(pipe, requested: bool) -> None:
+    """Patch the fused attention into the pipeline's DiT. Asked for with --kernels, a
+    DiffSynth the patch was not written for is an error; on by default (CUDA), it only
+    costs the speed-up, with a warning."""
+    from artaug_kernels import interpreter_mode
+
+    from .patch import KernelPatchError, apply_kernels
+
+    if not str(pipe.device).startswith("cuda") and not interpreter_mode():
+        logger.warning("--kernels on %s: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
+                       "DiffSynth's own attention runs instead", pipe.device)
+    try:
+        apply_kernels(pipe)
+    except KernelPatchError as e:
+        if requested:
+            raise CLIError(str(e)) from None
+        logger.warning("%s DiffSynth's own attention runs instead.", e)
 
 
 def _load_artaug(pipe, args) -> None:

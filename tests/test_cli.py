@@ -50,6 +50,7 @@ def test_bad_arguments_get_one_line_errors(tmp_path, capsys):
         (["generate", "--prompt", "x", "--artaug"], "--artaug needs a FLUX.1-dev model"),
         (["generate", "--prompt", "x", "--out", str(tmp_path / "nope" / "a.png")], "does not exist"),
         (["generate", "--prompt", "x", "--steps", "0"], "must be positive"),
+        (["generate", "--prompt", "x", "--out", str(tmp_path / "a.xyz")], "unknown image format '.xyz'"),
     ]
     for args, expected in cases:
         try:
@@ -129,3 +130,27 @@ def test_interact_subcommand_through_artaug(tmp_path):
     assert lines and lines[0]["prompt"].startswith("a red circle")
     r = run_cli("interact", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run2"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing.txt" in r.stderr
+
+
+def test_kernel_patch_refused_by_diffsynth(monkeypatch, caplog):
+    """A DiffSynth the patch was not written for: an error with the fix under --kernels,
+    a warning (DiffSynth's attention, no speed-up) when the kernels were on by default."""
+    import logging
+
+    import pytest
+
+    from artaug_ext import cli, patch
+
+    def refuse():
+        raise patch.KernelPatchError("methods differ. Not patching; run without kernels (--no-kernels).")
+
+    monkeypatch.setattr(patch, "check_diffsynth_compat", refuse)
+
+    class Pipe:
+        device = "cuda"
+
+    with pytest.raises(cli.CLIError, match="--no-kernels"):
+        cli._apply_kernels(Pipe(), requested=True)
+    with caplog.at_level(logging.WARNING):
+        cli._apply_kernels(Pipe(), requested=False)
+    assert "methods differ" in caplog.text and "DiffSynth's own attention runs instead" in caplog.text
