@@ -291,23 +291,27 @@ def lora_merge_grouped_(weights: Sequence[torch.Tensor],
     if not jobs:
         return
 
-    device = weights[jobs[0][0]].device
-    use_triton = device.type == "cuda" or interpreter_mode()
+    # Each layer takes the path of its own device (a pipeline may keep its text encoder on
+    # the CPU and its DiT on a GPU); Triton paths report overflow through per-device flags,
+    # read with one sync per device at the end.
+    interpret = interpreter_mode()
     overflowed = []
-    if use_triton:
-        flags = torch.zeros(len(weights), dtype=torch.int32, device=device)
-        for i, w, a, b, s in jobs:
-            if w.is_cuda and not interpreter_mode():
-                torch.ops.artaug.lora_merge_(w, a, b, s, flags[i:i + 1])
+    flags: dict[torch.device, torch.Tensor] = {}
+    for i, w, a, b, s in jobs:
+        if w.is_cuda or interpret:
+            if w.device not in flags:
+                flags[w.device] = torch.zeros(len(weights), dtype=torch.int32, device=w.device)
+            flag = flags[w.device][i:i + 1]
+            if interpret:
+                _launch(w, a, b, s, flag)
             else:
-                _launch(w, a, b, s, flags[i:i + 1])
-        overflowed = [i for i, f in enumerate(flags.tolist()) if f]
-    else:
-        for i, w, a, b, s in jobs:
-            if _merge_torch(w, a, b, s):
-                overflowed.append(i)
+                torch.ops.artaug.lora_merge_(w, a, b, s, flag)
+        elif _merge_torch(w, a, b, s):
+            overflowed.append(i)
+    for f in flags.values():
+        overflowed += [i for i, v in enumerate(f.tolist()) if v]
     if overflowed:
-        raise LoRAMergeOverflowError(overflowed)
+        raise LoRAMergeOverflowError(sorted(overflowed))
 
 
 def lora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
