@@ -249,6 +249,19 @@ def test_errors(dit, caplog):
              "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b}
     with pytest.raises(LoRAFormatError, match=r"blocks.0.attn.a_to_out.*weight \(128, 128\).*B \(384, 4\)"):
         load_lora(dit, wrong)
+    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a model we know by id"):
+        load_lora(dit, "/no/such/lora.safetensors")
+    # a plain (not DiffSynth-wrapped) layer in a dtype that cannot take the merge: an error,
+    # not a LoRA list that no forward would ever read
+    qkv = dit.blocks[0].attn.a_to_qkv
+    w_bf16 = qkv.weight.data
+    qkv.weight.data = w_bf16.to(torch.float8_e4m3fn)
+    try:
+        with pytest.raises(LoRAFormatError, match=r"blocks.0.attn.a_to_qkv: weight is torch.float8_e4m3fn"):
+            load_lora(dit, good)
+        assert not hasattr(qkv, "lora_A_weights")
+    finally:
+        qkv.weight.data = w_bf16
     nan_b = b.clone()
     nan_b[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):

@@ -2,9 +2,9 @@
 
 Merging goes through `artaug_kernels.lora_merge_grouped_` (fp32 accumulation, one rounding).
 Before a layer is touched its weight is copied to the host, so `unload_lora` restores it
-bit for bit (LIFO), and a merge that overflows to Inf is rolled back. Layers under
-DiffSynth's VRAM management or stored in FP8 cannot absorb a merge: they get the LoRA
-through DiffSynth's hot-loading lists instead (with a warning).
+bit for bit (LIFO), and a merge that overflows to Inf is rolled back. Layers wrapped by
+DiffSynth's VRAM management (FP8 storage included) cannot absorb a merge: they get the
+LoRA through DiffSynth's hot-loading lists instead (with a warning).
 """
 
 from __future__ import annotations
@@ -75,15 +75,20 @@ def _components(target) -> dict[str, torch.nn.Module]:
     return {"dit": target}
 
 
-def _hotload_only(component: torch.nn.Module, module: torch.nn.Module) -> bool:
-    try:
-        from diffsynth.core.vram.layers import LoRAHotLoadMixin
-    except ImportError:  # pragma: no cover - diffsynth is a dependency
-        LoRAHotLoadMixin = ()
-    if isinstance(module, LoRAHotLoadMixin) or getattr(component, "vram_management_enabled", False):
+def _hotload_only(name: str, module: torch.nn.Module) -> bool:
+    """DiffSynth's wrapped layers (VRAM management, FP8 storage) apply their LoRA lists at
+    every forward: hot-load there. Plain layers are merged, so one whose weight cannot take
+    the merge is an error (nothing would ever read a LoRA list on a plain layer)."""
+    from diffsynth.core.vram.layers import LoRAHotLoadMixin
+
+    if isinstance(module, LoRAHotLoadMixin):
         return True
-    w = getattr(module, "weight", None)
-    return w is not None and w.dtype not in _MERGEABLE
+    if module.weight.dtype not in _MERGEABLE:
+        raise LoRAFormatError(
+            f"{name}: weight is {module.weight.dtype}, which a LoRA cannot be merged into; load the model in "
+            "bf16/fp16/fp32, or keep it in that dtype through DiffSynth's VRAM management "
+            "(ModelConfig(..., offload_dtype=...)), where LoRAs are hot-loaded")
+    return False
 
 
 def _resolve_source(lora):
@@ -93,8 +98,11 @@ def _resolve_source(lora):
         sd, meta = read_lora(lora)
         return sd, meta, os.fspath(lora)
     if isinstance(lora, str):
-        from artaug_ext.hub import resolve_model_files
+        from artaug_ext.hub import CATALOGUE, catalogue_lookup, resolve_model_files
 
+        if catalogue_lookup(lora) is None:
+            raise FileNotFoundError(f"LoRA {lora!r}: no such file or folder, and not a model we know by id "
+                                    f"({', '.join(sorted(CATALOGUE))})")
         files = resolve_model_files(lora)
         paths = files.get("lora") or [p for ps in files.values() for p in ps]
         if not paths:
@@ -156,7 +164,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
                 f"{'' if p.rows is None else f' rows {lo}:{hi}'}, LoRA A {tuple(p.A.shape)} B {tuple(p.B.shape)}"
                 f" (want A {want_a}, B {want_b})")
         key = (p.component, p.module)
-        if _hotload_only(comps[p.component], module):
+        if _hotload_only(f"{p.component}:{p.module}", module):
             hot_groups.setdefault(key, []).append(p)
         else:
             merge_groups.setdefault(key, []).append((lo, hi, p))
