@@ -180,7 +180,9 @@ def _k_prepass_kernel(
     weights are read once per row block, not once per head.
     """
     pid_s = tl.program_id(0)
-    b = tl.program_id(1)
+    # 64-bit batch offsets: one sample of a single block's qkv view spans S * 7 * H * D
+    # elements (2048^2: 363M), so b * stride passes 2**31 from batch 6 on
+    b = tl.program_id(1).to(tl.int64)
     rows = pid_s * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     row_ok = rows < S
@@ -290,7 +292,7 @@ def _attn_fwd_kernel(
     """One [BLOCK_M, D] query tile of one (batch, head): q prologue, then flash loop."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets (see _k_prepass_kernel)
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
