@@ -87,6 +87,8 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise CLIError("--prompt is empty: give the text to draw")
     use_artaug = args.artaug if args.artaug is not None else args.model in REAL_MODELS
+    if not use_artaug and args.lora_alpha != 1.0:
+        logger.warning("--lora-alpha %.3g has no effect without --artaug", args.lora_alpha)
     if use_artaug and args.model not in REAL_MODELS:
         raise CLIError(f"--artaug needs a FLUX.1-dev model; {args.model!r} has no ArtAug LoRA (use --model flux-dev)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_download(args)
         if args.command in ("interact", "interact-export"):
             return args.func(args)
-    except (CLIError, HubError, ValueError, KeyError) as e:
+    except (CLIError, HubError, ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"artaug: error: {msg}", file=sys.stderr)
         return 2

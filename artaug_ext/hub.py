@@ -179,6 +179,20 @@ def _check_files(paths: list[str], model_id: str) -> None:
             check_safetensors(p, model_id)
 
 
+def missing_shards(paths: list[str]) -> list[str]:
+    """Shards listed by a `*.safetensors.index.json` beside `paths` but absent (an interrupted download)."""
+    missing = []
+    for folder in sorted({os.path.dirname(p) for p in paths if p.endswith(".safetensors")}):
+        for index in glob.glob(os.path.join(folder, "*.safetensors.index.json")):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    shards = set(json.load(f).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                continue
+            missing += [os.path.join(folder, s) for s in sorted(shards) if not os.path.isfile(os.path.join(folder, s))]
+    return missing
+
+
 # ---------------------------------------------------------------------------- local lookup
 
 def _match(base: str, pattern: str) -> list[str]:
@@ -288,6 +302,10 @@ def resolve(
             raise MissingModelError(model_id, still, root, "the download finished without these files")
     for paths in found.values():
         _check_files(paths, model_id)
+        absent = missing_shards(paths)
+        if absent:
+            raise MissingModelError(model_id, [os.path.relpath(a, root) for a in absent], root,
+                                    "a sharded file is incomplete")
     return found
 
 

@@ -85,7 +85,11 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
         )
     missing = [n for n in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder") if getattr(pipe, n) is None]
     if missing:
-        raise RuntimeError(f"{model}: DiffSynth did not recognise the files for {missing} (see `artaug_ext.register`)")
+        raise ValueError(
+            f"{model}: DiffSynth recognised no model in the files for {missing} ({paths}); the files are "
+            f"incomplete or of another model. Fix: delete them and run `artaug download {model}`, or point "
+            "--model-dir at a complete copy."
+        )
     pipe.artaug_model_name = model
     pipe.artaug_model_paths = paths
     return pipe

@@ -149,3 +149,15 @@ def test_check_safetensors_accepts_valid(tmp_path):
 def test_unknown_catalogue_name():
     with pytest.raises(KeyError, match="unknown model"):
         hub.resolve_model_files("flux-pro")
+
+
+def test_incomplete_sharded_download_is_reported(root):
+    import json
+
+    folder = root / "black-forest-labs" / "FLUX.1-dev" / "text_encoder_2"
+    folder.mkdir(parents=True)
+    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(hub.MissingModelError, match="model-00002-of-00002.safetensors"):
+        hub.resolve("black-forest-labs/FLUX.1-dev", ["text_encoder_2/*.safetensors"], local_files_only=True)
