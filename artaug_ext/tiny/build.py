@@ -173,8 +173,9 @@ def _matches_assets(spec: TinyFluxSpec, folder: str) -> bool:
         return True
     from .trained import WEIGHT_FILES, asset_dir
 
-    info = _read_json(os.path.join(folder, MARKER))
-    return info.get("files", {}).get("dit") == _sha256(os.path.join(asset_dir(spec.weights_from), WEIGHT_FILES["dit"]))
+    built = _read_json(os.path.join(folder, MARKER)).get("files", {})
+    assets = asset_dir(spec.weights_from)
+    return all(built.get(role) == _sha256(os.path.join(assets, rel)) for role, rel in WEIGHT_FILES.items())
 
 
 def model_file_paths(folder: str) -> dict[str, str]:
