@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an image with FLUX (optionally with the ArtAug LoRA)")
     gen.add_argument("--prompt", required=True, help="text prompt")
     gen.add_argument("--model", default="tiny", choices=known_models(),
-                     help="tiny / tiny-random: embedded CPU-sized models; flux-dev: FLUX.1-dev from ModelScope")
+                     help="tiny: embedded model trained on procedural scenes; tiny-random: untrained (draws noise); "
+                     "flux-dev: FLUX.1-dev from ModelScope")
     gen.add_argument("--model-dir", default=None, help="model root holding {model_id}/ folders (default: ARTAUG_HOME, "
                      "DIFFSYNTH_MODEL_BASE_PATH or ~/.cache/artaug)")
     gen.add_argument("--artaug", action=argparse.BooleanOptionalAction, default=None,
@@ -75,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--model-dir", default=None, help="model root to download into")
     dl.add_argument("--revision", default=None)
 
+    from .eval_tiny import add_eval_tiny_parser
     from .interact.cli import add_interact_parser
 
     add_interact_parser(sub)
+    add_eval_tiny_parser(sub)
     return parser
 
 
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_download(args)
         if args.command in ("interact", "interact-export"):
             return args.func(args)
+        if args.command == "eval-tiny":
+            from .eval_tiny import cmd_eval_tiny
+
+            return cmd_eval_tiny(args)
     except (CLIError, HubError, ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"artaug: error: {msg}", file=sys.stderr)

@@ -169,3 +169,23 @@ def test_fake_flux_dev_loads_through_hub(tmp_path):
     ref = artaug_ext.load_pipeline("tiny-random", device="cpu")
     for (n1, p1), (n2, p2) in zip(pipe.text_encoder_2.named_parameters(), ref.text_encoder_2.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_clip_tokenizer_is_identical_across_processes(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, hashlib; from artaug_ext.tiny.tokenizers import build_clip_tokenizer as b; d=sys.argv[1]; b(d); "
+            "print(hashlib.sha256(open(d+'/vocab.json','rb').read()+open(d+'/merges.txt','rb').read()).hexdigest())")
+    digests = set()
+    for i, seed in enumerate(("0", "12345")):  # different hash seeds: the trainer's old failure mode
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        digests.add(r.stdout.strip())
+    assert len(digests) == 1
+    here = hashlib.sha256(open(os.path.join(tiny_folder(), "tokenizer", "vocab.json"), "rb").read()
+                          + open(os.path.join(tiny_folder(), "tokenizer", "merges.txt"), "rb").read()).hexdigest()
+    assert digests == {here}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 
 from .vocab import WORDS, training_corpus
@@ -37,24 +38,54 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
+def learn_bpe_merges(words: dict[str, int], byte_encoder: dict[int, str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges in CLIP's style (`</w>` on each word's last symbol).
+
+    Written out instead of using `tokenizers`' trainer because that trainer breaks ties
+    between equally frequent pairs in hash order, which differs between processes: the
+    same corpus then gives different token ids. Here ties go to the lexicographically
+    smallest pair, so the vocabulary is the same on every run.
+    """
+    seqs = {}
+    for word, freq in words.items():
+        symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        seqs[tuple(symbols)] = seqs.get(tuple(symbols), 0) + freq
+    merges = []
+    for _ in range(num_merges):
+        counts: dict[tuple[str, str], int] = {}
+        for seq, freq in seqs.items():
+            for pair in zip(seq, seq[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + freq
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        new_seqs = {}
+        for seq, freq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            new_seqs[tuple(out)] = new_seqs.get(tuple(out), 0) + freq
+        seqs = new_seqs
+    return merges
+
+
 def build_clip_tokenizer(folder: str, vocab_size: int = 1536) -> int:
     """Write `vocab.json`, `merges.txt` and configs for `CLIPTokenizer`; return the vocab size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    byte_symbols = list(_bytes_to_unicode().values())
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Whitespace(),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, show_progress=False,
-        initial_alphabet=byte_symbols, end_of_word_suffix="</w>",
-    )
-    corpus = [line.lower() for line in training_corpus()]
-    tok.train_from_iterator(corpus, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    byte_encoder = _bytes_to_unicode()
+    byte_symbols = list(byte_encoder.values())
+    words: dict[str, int] = {}
+    for line in training_corpus():
+        for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", line.lower()):
+            words[word] = words.get(word, 0) + 1
+    merges = learn_bpe_merges(words, byte_encoder, vocab_size - 2 * len(byte_symbols) - 2)
 
     vocab: dict[str, int] = {}
     for sym in byte_symbols + [s + "</w>" for s in byte_symbols]:
