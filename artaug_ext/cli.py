@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from .interact.cli import positive_int
+
 logger = logging.getLogger("artaug_ext.cli")
 
 
@@ -22,16 +24,6 @@ def _multiple_of_16(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0 or value % 16:
         raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16 (FLUX works on 16-pixel patches)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
     return value
 
 
@@ -59,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--artaug", action=argparse.BooleanOptionalAction, default=None,
                      help="merge the ArtAug LoRA (default: on for flux-dev, off for the tiny models)")
     gen.add_argument("--lora-alpha", type=float, default=1.0, help="ArtAug LoRA strength (default 1.0)")
-    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: 8 tiny, 30 flux-dev)")
+    gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: 8 tiny, 30 flux-dev)")
     gen.add_argument("--height", type=_multiple_of_16, default=None, help="multiple of 16 (default: 256 tiny, 1024 flux-dev)")
     gen.add_argument("--width", type=_multiple_of_16, default=None, help="multiple of 16 (default: 256 tiny, 1024 flux-dev)")
     gen.add_argument("--seed", type=int, default=0)

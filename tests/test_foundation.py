@@ -65,12 +65,13 @@ def test_keys_hash_matches_diffsynth_file_hash(tmp_path):
 
 
 def test_build_is_deterministic(tmp_path):
-    from artaug_ext.tiny.build import _sha256, ensure_tiny_model
+    from artaug_ext.files import sha256_file
+    from artaug_ext.tiny.build import ensure_tiny_model
 
     a = ensure_tiny_model(TINY_RANDOM, str(tmp_path / "a"))
     b = tiny_folder()
     for rel in ("flux1-dev.safetensors", "ae.safetensors", "text_encoder_2/model.safetensors"):
-        assert _sha256(os.path.join(a, rel)) == _sha256(os.path.join(b, rel))
+        assert sha256_file(os.path.join(a, rel)) == sha256_file(os.path.join(b, rel))
     info = json.load(open(os.path.join(a, "artaug_tiny.json")))
     assert info["name"] == "tiny-random" and info["seed"] == 0
 

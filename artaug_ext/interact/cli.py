@@ -16,7 +16,8 @@ import sys
 logger = logging.getLogger("artaug_ext.interact.cli")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (shared with the main `artaug` parser)."""
     try:
         value = int(text)
     except ValueError:
@@ -68,14 +69,14 @@ def add_interact_parser(subparsers) -> None:
     p.add_argument("--critic-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--critic-convention", default=None, choices=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "glm-v"],
                    help="grounding convention (default: from the model name)")
-    p.add_argument("--critic-concurrency", type=_positive_int, default=4, help="openai: requests in flight (default 4)")
-    p.add_argument("--max-suggestions", type=_positive_int, default=3, help="regions per image (default 3)")
+    p.add_argument("--critic-concurrency", type=positive_int, default=4, help="openai: requests in flight (default 4)")
+    p.add_argument("--max-suggestions", type=positive_int, default=3, help="regions per image (default 3)")
     p.add_argument("--scorer", default="heuristic", help="heuristic, aesthetic, pickscore, clip or a+b+c (default heuristic)")
     p.add_argument("--margin", type=float, default=0.0, help="keep a pair when every quality score gains more than this")
     p.add_argument("--relative-margin", action="store_true", help="margin relative to the original's score")
     p.add_argument("--alignment-tolerance", type=float, default=0.0, help="allowed drop of text-alignment scores (default 0)")
-    p.add_argument("--images-per-prompt", type=_positive_int, default=1)
-    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--size", type=_size, default=None, metavar="N|WxH", help="image size (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; item seeds follow from it")
     p.add_argument("--region-scale", type=float, default=DEFAULT_REGION_SCALE,
@@ -84,7 +85,7 @@ def add_interact_parser(subparsers) -> None:
     p.add_argument("--no-pictures", action="store_true", help="skip side-by-side pictures of kept pairs")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is much faster on a shared, busy CPU)")
     p.set_defaults(func=cmd_interact)
 

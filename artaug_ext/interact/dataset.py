@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
+from ..files import sha256_file
 from .enhance import DEFAULT_REGION_SCALE, enhance
 from .parse import ParseResult
 from .pictures import pair_picture
@@ -122,14 +123,6 @@ def read_manifest(path: str, repair: bool = False) -> list[dict]:
                 f.flush()
                 os.fsync(f.fileno())
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hash_cache_path() -> str:

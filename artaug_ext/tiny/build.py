@@ -17,7 +17,6 @@ renamed into place), so concurrent or interrupted runs never leave a half-writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
+from ..files import sha256_file
 from . import layout
 from .models import (
     TinyFluxDiT,
@@ -101,14 +101,6 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, dict[str, torch.Tensor]],
                       extra_info: dict | None = None) -> None:
     """Write weights (fp32 unless given otherwise), tokenizers and the completion marker into `folder`."""
@@ -130,7 +122,7 @@ def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, di
         "name": spec.name,
         "seed": spec.seed,
         "description": spec.description,
-        "files": {role: _sha256(os.path.join(folder, FILES[role])) for role in state_dicts},
+        "files": {role: sha256_file(os.path.join(folder, FILES[role])) for role in state_dicts},
         **(extra_info or {}),
     }
     with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as f:
@@ -175,7 +167,7 @@ def _matches_assets(spec: TinyFluxSpec, folder: str) -> bool:
 
     built = _read_json(os.path.join(folder, MARKER)).get("files", {})
     assets = asset_dir(spec.weights_from)
-    return all(built.get(role) == _sha256(os.path.join(assets, rel)) for role, rel in WEIGHT_FILES.items())
+    return all(built.get(role) == sha256_file(os.path.join(assets, rel)) for role, rel in WEIGHT_FILES.items())
 
 
 def model_file_paths(folder: str) -> dict[str, str]:
