@@ -60,6 +60,14 @@ def test_box_mask_rounds_outward_at_latent_resolution():
     assert m.sum().item() == 7 * 8
 
 
+def test_box_mask_edges_on_cell_boundaries_survive_float_error():
+    # 0.07 * 100 = 7.000000000000001 and 0.29 * 100 = 28.999999999999996 in floats: a plain
+    # ceil/floor would widen these boxes by one latent column (an 800px image, 100 wide).
+    m = box_masks([(0.29, 0.0, 0.56, 1.0), (0.0, 0.0, 0.07, 1.0)], 4, 100, blur=False)[:, 0, 0]
+    assert torch.nonzero(m[0]).flatten().tolist() == list(range(29, 56))
+    assert torch.nonzero(m[1]).flatten().tolist() == list(range(0, 7))
+
+
 def test_gaussian_blur_matches_reference_and_keeps_range():
     m = box_masks([(0.25, 0.25, 0.75, 0.75)], 32, 32, blur=False)
     k, s = blur_params(32, 32)

@@ -69,12 +69,22 @@ def gaussian_blur(mask: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor
     return torch.nn.functional.conv2d(out, k.view(1, 1, kernel, 1))
 
 
+def _floor(v: float) -> int:
+    """floor, but a product that is an integer up to float error (0.29 * 100 = 28.999...) is that integer."""
+    return round(v) if abs(v - round(v)) < 1e-9 else math.floor(v)
+
+
+def _ceil(v: float) -> int:
+    """ceil, but 0.07 * 100 = 7.000000000000001 stays 7 (an edge on a latent cell boundary)."""
+    return round(v) if abs(v - round(v)) < 1e-9 else math.ceil(v)
+
+
 def box_masks(boxes, latent_height: int, latent_width: int, blur: bool = True) -> torch.Tensor:
     """[N, 1, H, W] float32 masks at latent resolution: x0/y0 rounded down, x1/y1 up, then blurred."""
     masks = torch.zeros(len(boxes), 1, latent_height, latent_width)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
-        c0, r0 = math.floor(x0 * latent_width), math.floor(y0 * latent_height)
-        c1, r1 = math.ceil(x1 * latent_width), math.ceil(y1 * latent_height)
+        c0, r0 = _floor(x0 * latent_width), _floor(y0 * latent_height)
+        c1, r1 = _ceil(x1 * latent_width), _ceil(y1 * latent_height)
         masks[i, 0, max(r0, 0):min(r1, latent_height), max(c0, 0):min(c1, latent_width)] = 1.0
     if blur and len(boxes):
         masks = gaussian_blur(masks, *blur_params(latent_height, latent_width))
