@@ -14,6 +14,7 @@ from PIL import Image
 
 from artaug_ext.interact.dataset import (
     InteractConfig,
+    atomic_write_bytes,
     export_pairs,
     merge_manifests,
     read_manifest,
@@ -120,6 +121,27 @@ def test_torn_manifest_line_is_repaired(tmp_path, pipe, monkeypatch):
     assert len(read_manifest(str(shard))) == 1
     stats = run_interact(cfg(prompts=PROMPTS[:2]), str(run), pipe=pipe, progress=False)
     assert stats["processed"] == 1 and shard.read_bytes() == full
+
+
+def _write_many(path, data, n):
+    for _ in range(n):
+        atomic_write_bytes(path, data, shared=True)
+
+
+def test_shared_atomic_writes_from_two_processes(tmp_path):
+    """Two ranks may write run.json / manifest.jsonl at the same moment: neither may fail
+    (with one temporary name the second rename raised FileNotFoundError) and the file is whole."""
+    import multiprocessing
+
+    path, data = str(tmp_path / "manifest.jsonl"), b"x" * 100_000
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(path, data, 200)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert open(path, "rb").read() == data and os.listdir(tmp_path) == ["manifest.jsonl"]
 
 
 def test_export_for_diffsynth_trainer(tmp_path, pipe, monkeypatch):

@@ -70,10 +70,15 @@ def _test_hook(event: str) -> None:
             time.sleep(1)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete, never partial."""
+def atomic_write_bytes(path: str, data: bytes, shared: bool = False) -> None:
+    """Write `data` to `path` so that `path` is either absent/old or complete, never partial.
+
+    `shared`: other processes may write the same path at the same time (run.json when ranks
+    start together, manifest.jsonl when the last two ranks finish together, the hash cache),
+    so the temporary file is per process; otherwise two writers share one temporary file and
+    the second rename fails."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
     with open(tmp, "wb") as f:
         half = len(data) // 2
         f.write(data[:half])
@@ -149,8 +154,7 @@ def cached_sha256_file(path: str) -> str:
     if st.st_size >= 64 << 20:  # only big files are worth remembering
         cache[key] = digest
         try:
-            atomic_write_bytes(cache_file + f".{os.getpid()}", json.dumps(cache, indent=0).encode())
-            os.replace(cache_file + f".{os.getpid()}", cache_file)
+            atomic_write_bytes(cache_file, json.dumps(cache, indent=0).encode(), shared=True)
         except OSError:
             pass
     return digest
@@ -250,7 +254,8 @@ def _check_run_json(run_dir: str, settings: dict) -> None:
             raise ValueError(f"--out {run_dir} holds a run with other settings ({k}: {str(old.get(k))[:80]} -> "
                              f"{str(settings.get(k))[:80]}); resume with the same settings or use a new --out")
         return
-    atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n",
+                       shared=True)
 
 
 def shard_path(run_dir: str, rank: int, world: int) -> str:
@@ -271,7 +276,7 @@ def merge_manifests(run_dir: str) -> int:
         for r in read_manifest(p):
             records.setdefault(r["id"], r)
     ordered = [records[k] for k in sorted(records)]
-    atomic_write_bytes(os.path.join(run_dir, "manifest.jsonl"), b"".join(_json_line(r) for r in ordered))
+    atomic_write_bytes(os.path.join(run_dir, "manifest.jsonl"), b"".join(_json_line(r) for r in ordered), shared=True)
     return len(ordered)
 
 
