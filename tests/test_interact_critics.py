@@ -19,6 +19,7 @@ from artaug_ext.interact.critics import (
     OpenAICritic,
     TransformersCritic,
     convention_for,
+    convention_of_config,
     instruction,
     make_critic,
     smart_resize,
@@ -273,6 +274,24 @@ def test_transformers_backend_on_tiny_random_qwen2_vl():
     critic = TransformersCritic(model, processor, convention="qwen2-vl", max_new_tokens=24)
     r = critic.critique(Image.new("RGB", (64, 64), (200, 10, 10)), "a red circle")
     assert r.suggestions == [] and r.reason  # random weights: garbage text, no boxes, and it says why
+
+
+def test_transformers_convention_comes_from_the_config_not_the_folder_name(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    assert convention_of_config(SimpleNamespace(model_type="qwen2_5_vl")) == "qwen2.5-vl"
+    assert convention_of_config(SimpleNamespace(model_type="glm4v")) == "glm-v"
+    assert convention_of_config(SimpleNamespace(model_type="llava")) is None
+    model, processor = tiny_qwen2_vl()
+    folder = tmp_path / "Qwen2.5-VL-finetune"  # a misleading folder name: the config decides
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    critic = TransformersCritic.from_pretrained(str(folder), device_map="cpu", torch_dtype=torch.float32)
+    assert convention_for(str(folder)) == "qwen2.5-vl" and critic.convention == "qwen2-vl"
+    assert TransformersCritic.from_pretrained(str(folder), device_map="cpu", torch_dtype=torch.float32,
+                                              convention="glm-v").convention == "glm-v"
 
 
 def test_qwen2_vl_json_answer_is_read_on_the_1000_grid(server_factory):

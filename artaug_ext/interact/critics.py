@@ -64,6 +64,16 @@ def convention_for(model: str) -> str:
     return "qwen2-vl"
 
 
+_MODEL_TYPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl", "qwen3_vl_moe": "qwen3-vl",
+                "glm4v": "glm-v", "glm4v_moe": "glm-v"}
+
+
+def convention_of_config(config) -> str | None:
+    """Grounding convention from a transformers config's `model_type`, None when unknown.
+    More reliable than the name: a local folder's name rarely says Qwen2 or Qwen2.5."""
+    return _MODEL_TYPES.get(str(getattr(config, "model_type", "")).lower())
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
                  max_pixels: int = 1280 * 28 * 28) -> tuple[int, int]:
     """(height, width) Qwen2/2.5-VL's processor resizes an image to: multiples of `factor`
@@ -391,7 +401,8 @@ class TransformersCritic:
         model = AutoModelForImageTextToText.from_pretrained(path, device_map=device_map,
                                                             dtype=torch_dtype or torch.bfloat16).eval()
         processor = AutoProcessor.from_pretrained(path)
-        return cls(model, processor, convention=kwargs.pop("convention", None) or convention_for(path), **kwargs)
+        convention = kwargs.pop("convention", None) or convention_of_config(model.config) or convention_for(path)
+        return cls(model, processor, convention=convention, **kwargs)
 
     def describe(self) -> dict:
         return {"critic": self.name, "convention": self.convention, "template": TEMPLATE_VERSION,
