@@ -103,3 +103,46 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.55)
+
+
+def _rank_generators(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    from artaug_ext.train.loop import _LoopState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        st = _LoopState(10 + rank, rank, world)
+        torch.rand(3, generator=st.generator)
+        st.step = 5
+        saved = st.state_dict()  # collective: every rank calls it, as in accelerator.save_state
+        expected = torch.rand(3, generator=st.generator)
+        torch.save({"saved": saved, "expected": expected}, f"{out['dir']}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loop_state_keeps_every_ranks_generator(tmp_path):
+    """accelerate writes custom state from rank 0 only: each rank must still get its own
+    generator back on resume, not rank 0's (else all ranks draw the same noise)."""
+    import multiprocessing
+
+    from artaug_ext.train.loop import _LoopState
+
+    ctx = multiprocessing.get_context("spawn")
+    out = {"dir": str(tmp_path)}
+    procs = [ctx.Process(target=_rank_generators, args=(r, 2, str(tmp_path / "init"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rank0 = torch.load(tmp_path / "rank0.pt")  # what the checkpoint holds
+    for rank in range(2):
+        expected = torch.load(tmp_path / f"rank{rank}.pt")["expected"]
+        resumed = _LoopState(10 + rank, rank, 2)
+        resumed.load_state_dict(rank0["saved"])
+        assert resumed.step == 5 and torch.equal(torch.rand(3, generator=resumed.generator), expected), rank
+    single = _LoopState(3)
+    single.load_state_dict(_LoopState(3).state_dict())  # one process: the old format, unchanged
+    assert set(_LoopState(3).state_dict()) == {"step", "generator"}

@@ -57,18 +57,39 @@ class TrainResult:
 
 
 class _LoopState:
-    """What the loop itself must carry across a restart: the step and its generator."""
+    """What the loop itself must carry across a restart: the step and its generator.
 
-    def __init__(self, seed: int):
+    Each process has its own generator (seeded seed + rank), but accelerate writes custom
+    state from the main process only; so with several processes the state holds every
+    rank's generator (gathered while saving; every process calls `state_dict`), and each
+    rank takes its own back on resume. Without that every rank resumed with rank 0's
+    timesteps and noise."""
+
+    def __init__(self, seed: int, process_index: int = 0, num_processes: int = 1):
         self.step = 0
+        self.process_index, self.num_processes = process_index, num_processes
         self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self):
-        return {"step": self.step, "generator": self.generator.get_state()}
+        state = {"step": self.step, "generator": self.generator.get_state()}
+        if self.num_processes > 1:
+            import torch.distributed as dist
+
+            generators = [None] * self.num_processes
+            dist.all_gather_object(generators, state["generator"])
+            state["generators"] = generators
+        return state
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        generators = state.get("generators") or [state["generator"]]
+        if len(generators) == self.num_processes:
+            self.generator.set_state(generators[self.process_index])
+        elif self.process_index == 0:
+            self.generator.set_state(state["generator"])
+        else:  # a different number of processes than the checkpoint's: keep this rank's fresh stream
+            logger.warning("resuming on %d processes from a checkpoint of %d: rank %d's noise differs from an "
+                           "uninterrupted run", self.num_processes, len(generators), self.process_index)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -180,7 +201,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _LoopState(cfg.seed + accelerator.process_index)
+    state = _LoopState(cfg.seed + accelerator.process_index, accelerator.process_index, accelerator.num_processes)
     # Registered, not prepared: accelerate's scheduler wrapper steps once per process.
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
