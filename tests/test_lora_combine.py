@@ -118,3 +118,44 @@ def test_export_rank_not_exact_in_bf16():
         assert err < 3e-3, (r, err)  # bf16 rounding of the factors only (2.4e-3; a wrong scale at 257: 4.5e-3)
         bias = ((back.B.double() @ back.A.double()) * exp).sum() / exp.square().sum() - 1
         assert abs(bias) < 1e-4, (r, bias)  # 1e-5 here; alpha rounded to 256 at rank 257: -3.9e-3
+
+
+def test_export_t5_layers_as_kohya_te3(tmp_path):
+    """T5 (text_encoder_2) layers export under kohya's FLUX prefix `lora_te3_` and read back
+    as the same deltas; DiffSynth's loader still fuses the DiT part of such a file."""
+    from diffsynth.utils.lora.flux import FluxLoRALoader
+
+    from artaug_ext.tiny.models import TinyFluxTextEncoderT5
+
+    g = torch.Generator().manual_seed(5)
+    sd = lora(3)
+    for mod, rows, cols in (("encoder.block.1.layer.0.SelfAttention.v", 64, 64),
+                            ("encoder.block.0.layer.1.DenseReluDense.wo", 64, 128)):
+        sd[f"text_encoder_2.{mod}.lora_A.weight"] = torch.randn(3, cols, generator=g)
+        sd[f"text_encoder_2.{mod}.lora_B.weight"] = torch.randn(rows, 3, generator=g) * 0.01
+    layers = lora_layers(sd)
+    assert {"te2:encoder.block.1.layer.0.SelfAttention.v", "te2:encoder.block.0.layer.1.DenseReluDense.wo"} <= set(layers)
+    path = save_kohya(layers, str(tmp_path / "t5.safetensors"), dtype=torch.float32)
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        back_sd = {k: f.get_tensor(k) for k in keys}
+    assert "lora_te3_encoder_block_1_layer_0_SelfAttention_v.lora_down.weight" in keys
+    assert "lora_te3_encoder_block_0_layer_1_DenseReluDense_wo.alpha" in keys
+    want, got = dense(layers), dense(lora_layers(path))
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=1e-6)
+    torch.manual_seed(0)
+    t5 = TinyFluxTextEncoderT5()
+    w0 = t5.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo").weight.double().clone()
+    rep = load_lora(t5, path)  # strict: the DiT keys are skipped (not unmapped) on a T5 alone
+    assert len(rep.merged) == 2 and len(rep.skipped) == 3
+    torch.testing.assert_close(t5.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo").weight.double(),
+                               w0 + want["te2:encoder.block.0.layer.1.DenseReluDense.wo"], atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    base = TinyFluxDiT(dim=DIM)
+    theirs = copy.deepcopy(base)
+    FluxLoRALoader(torch_dtype=torch.float32).fuse_lora_to_base_model(theirs, back_sd, alpha=1.0)
+    mod = "single_blocks.1.proj_out"
+    torch.testing.assert_close(theirs.get_submodule(mod).weight.double(),
+                               base.get_submodule(mod).weight.double() + want[f"dit:{mod}"], atol=1e-6, rtol=0)

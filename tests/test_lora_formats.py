@@ -12,7 +12,7 @@ from artaug_kernels.lora_merge import rounding_stats
 from safetensors.torch import save_file
 
 from artaug_ext.lora import LoRAFormatError, UnsupportedLoRAError, load_artaug, load_lora, unload_lora
-from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxTextEncoderClip
+from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxTextEncoderClip, TinyFluxTextEncoderT5
 
 DIM = 128
 
@@ -166,6 +166,113 @@ def test_xlabs(dit):
           "double_blocks.0.processor.proj_lora1.down.weight": a2, "double_blocks.0.processor.proj_lora1.up.weight": b2}
     rep = run(dit, sd, [("blocks.1.attn.b_to_qkv", 0, a, b, 1.0), ("blocks.0.attn.a_to_out", 0, a2, b2, 1.0)])
     assert rep.formats == ["xlabs"]
+
+
+def test_xlabs_single_blocks(dit):
+    """x-flux's SingleStreamBlockLoraProcessor: qkv_lora beside the q/k/v rows of linear1
+    (to_qkv_mlp rows 0:3 dim), proj_lora on linear2's input (proj_out). No alpha: scale 1."""
+    a, b = pair(3 * DIM, DIM, 4, 8)
+    a2, b2 = pair(DIM, 5 * DIM, 4, 9)
+    sd = {"diffusion_model.single_blocks.2.processor.qkv_lora.down.weight": a,
+          "diffusion_model.single_blocks.2.processor.qkv_lora.up.weight": b,
+          "single_blocks.0.processor.proj_lora.down.weight": a2, "single_blocks.0.processor.proj_lora.up.weight": b2}
+    rep = run(dit, sd, [("single_blocks.2.to_qkv_mlp", 0, a, b, 1.0), ("single_blocks.0.proj_out", 0, a2, b2, 1.0)])
+    assert rep.formats == ["xlabs"] and rep.merged == ["dit:single_blocks.0.proj_out", "dit:single_blocks.2.to_qkv_mlp"]
+    with pytest.raises(LoRAFormatError, match="map to no module"):
+        load_lora(dit, {"single_blocks.0.processor.qkv_lora1.down.weight": a,
+                        "single_blocks.0.processor.qkv_lora1.up.weight": b})
+
+
+# T5 (transformers T5EncoderModel, FLUX's text_encoder_2) module names, written out by hand:
+# kohya suffix -> module under encoder.block.N
+T5_LAYERS = [("layer_0_SelfAttention_q", "layer.0.SelfAttention.q"), ("layer_0_SelfAttention_k", "layer.0.SelfAttention.k"),
+             ("layer_0_SelfAttention_v", "layer.0.SelfAttention.v"), ("layer_0_SelfAttention_o", "layer.0.SelfAttention.o"),
+             ("layer_1_DenseReluDense_wi_0", "layer.1.DenseReluDense.wi_0"),
+             ("layer_1_DenseReluDense_wi_1", "layer.1.DenseReluDense.wi_1"),
+             ("layer_1_DenseReluDense_wo", "layer.1.DenseReluDense.wo")]
+
+
+def t5_lora(t5, style, seed=0):
+    """Every T5 linear of both blocks in one key style; returns (state dict, updates)."""
+    mods = dict(t5.named_modules())
+    sd, updates = {}, []
+    for n in range(2):
+        for i, (kohya, native) in enumerate(T5_LAYERS):
+            mod = f"encoder.block.{n}.{native}"
+            w = mods[mod].weight
+            r = 1 + (i + n) % 4
+            a, b = pair(w.shape[0], w.shape[1], r, seed + 10 * n + i)
+            alpha = None
+            if style in ("lora_te3_", "lora_te2_"):
+                base, down, up = f"{style}encoder_block_{n}_{kohya}", "lora_down", "lora_up"
+                alpha = float(2 * r) if i % 2 else None
+            elif style == "diffusers":
+                base, down, up = f"text_encoder_2.{mod}", "lora_A", "lora_B"
+            else:  # PEFT on the T5 module itself
+                base, down, up = f"base_model.model.{mod}", "lora_A", "lora_B"
+            sd[f"{base}.{down}.weight"], sd[f"{base}.{up}.weight"] = a, b
+            if alpha is not None:
+                sd[f"{base}.alpha"] = torch.tensor(alpha)
+            updates.append((mod, 0, a, b, 0.8 * (1.0 if alpha is None else alpha / r)))
+    return sd, updates
+
+
+@pytest.mark.parametrize("style,fmt", [("lora_te3_", "kohya-te2"), ("lora_te2_", "kohya-te2"),
+                                       ("diffusers", "diffusers-te2"), ("peft", "diffsynth")])
+def test_t5_te2_keys_on_t5_module(style, fmt):
+    torch.manual_seed(0)
+    t5 = TinyFluxTextEncoderT5().to(torch.bfloat16)
+    sd, updates = t5_lora(t5, style)
+    rep = run(t5, sd, updates, alpha=0.8)
+    assert rep.formats == [fmt] and len(rep.merged) == 14
+    assert all(m.startswith("te2:encoder.block.") for m in rep.merged)
+
+
+def test_t5_prefix_with_clip_shaped_names_is_not_t5():
+    """SD3 / SDXL name CLIP-G `lora_te2_` / `text_encoder_2.text_model...`: not FLUX's T5, so
+    unmapped (an error), never merged into the T5."""
+    t5 = TinyFluxTextEncoderT5().to(torch.bfloat16)
+    a, b = pair(64, 64, 2, 1)
+    for base in ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+                 "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+                 "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi"):  # T5 v1.0 FFN: FLUX's T5 is gated
+        with pytest.raises(LoRAFormatError, match="matches no layer"):
+            load_lora(t5, {f"{base}.lora_down.weight": a, f"{base}.lora_up.weight": b}, strict=False)
+
+
+def test_t5_clip_and_dit_through_tiny_pipeline():
+    """One kohya file with DiT, CLIP (te1) and T5 (te3) keys on artaug_ext's tiny FLUX
+    pipeline: each lands in its component; a DiT alone skips the text-encoder keys; unload
+    restores all three bit for bit."""
+    import artaug_ext
+
+    pipe = artaug_ext.load_pipeline("tiny-random", device="cpu")
+    dit, te1, te2 = pipe.dit, pipe.text_encoder_1, pipe.text_encoder_2
+    for model in (dit, te1, te2):  # bf16, where one exact rounding is checkable (fp32 accumulation in fp32: not)
+        model.to(torch.bfloat16)
+    sd, upd_t5 = t5_lora(te2, "lora_te3_", seed=100)
+    w = te1.get_submodule("encoders.0.fc1").weight
+    a1, b1 = pair(w.shape[0], w.shape[1], 2, 3, torch.float32)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = a1
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = b1
+    w = dit.get_submodule("blocks.0.attn.a_to_out").weight
+    a2, b2 = pair(w.shape[0], w.shape[1], 2, 4, torch.float32)
+    sd["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = a2
+    sd["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = b2
+    befores = [snapshot(m) for m in (dit, te1, te2)]
+    refs = [expect(dit, [("blocks.0.attn.a_to_out", 0, a2, b2, 0.8)]),
+            expect(te1, [("encoders.0.fc1", 0, a1, b1, 0.8)]), expect(te2, upd_t5)]
+    rep = load_lora(pipe, sd, 0.8)
+    assert len(rep.merged) == 16 and rep.formats == ["kohya", "kohya-te1", "kohya-te2"]
+    for model, ref, before in zip((dit, te1, te2), refs, befores, strict=True):
+        assert_merged(model, ref, before)
+    rep2 = load_lora(dit, sd, 0.8)
+    assert len(rep2.merged) == 1 and len(rep2.skipped) == 15
+    assert sum("text encoder 2 (T5)" in s for s in rep2.skipped) == 14
+    unload_lora(dit)
+    unload_lora(pipe)
+    for model, before in zip((dit, te1, te2), befores, strict=True):
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_clip_te1_keys_on_pipeline_like_target(dit):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import _CLIP, _KOHYA_DOUBLE, _KOHYA_GLOBAL, _KOHYA_SINGLE, parse_lora, read_lora
+from .formats import _CLIP, _KOHYA_DOUBLE, _KOHYA_GLOBAL, _KOHYA_SINGLE, _T5, parse_lora, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +125,18 @@ _INV_DOUBLE = {v: k for k, v in _KOHYA_DOUBLE.items()}
 _INV_SINGLE = {v: k for k, v in _KOHYA_SINGLE.items()}
 _INV_GLOBAL = {v: k for k, v in _KOHYA_GLOBAL.items()}
 _INV_CLIP = {v: k for k, v in _CLIP.items()}
+_INV_T5 = {v: k for k, v in _T5.items()}
 
 
 def kohya_name(key: str) -> str:
-    """"dit:blocks.0.attn.a_to_qkv" -> "lora_unet_double_blocks_0_img_attn_qkv"."""
+    """"dit:blocks.0.attn.a_to_qkv" -> "lora_unet_double_blocks_0_img_attn_qkv". T5 layers get
+    kohya's FLUX prefix `lora_te3_` (what sd-scripts' lora_flux writes and ComfyUI reads)."""
     comp, module = key.split(":", 1)
     parts = module.split(".")
     if comp == "te1" and parts[0] == "encoders":
         return f"lora_te1_text_model_encoder_layers_{parts[1]}_{_INV_CLIP['.'.join(parts[2:])]}"
+    if comp == "te2" and parts[:2] == ["encoder", "block"] and ".".join(parts[3:]) in _INV_T5:
+        return f"lora_te3_encoder_block_{parts[2]}_{_INV_T5['.'.join(parts[3:])]}"
     if comp == "dit":
         if parts[0] == "blocks":
             return f"lora_unet_double_blocks_{parts[1]}_{_INV_DOUBLE['.'.join(parts[2:])]}"

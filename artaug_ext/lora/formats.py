@@ -1,15 +1,18 @@
 """Read FLUX LoRA files and map their keys onto DiffSynth's FLUX module names.
 
 Formats: kohya / "universal FLUX" (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
-`.alpha`), CLIP text-encoder keys (`lora_te1_...`), diffusers / PEFT
-(`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`; split q/k/v land on row ranges
-of the fused qkv weight, so a LoRA with only q and v is exact), DiffSynth's training output
+`.alpha`), CLIP text-encoder keys (`lora_te1_...`), T5 text-encoder keys (`lora_te3_...` from
+kohya, `lora_te2_...` from OneTrainer, `text_encoder_2.encoder.block.0...` from diffusers),
+diffusers / PEFT (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`; split q/k/v land
+on row ranges of the fused qkv weight, so a LoRA with only q and v is exact), DiffSynth's training output
 (`blocks.0.attn.a_to_qkv.lora_A.default.weight`), `diffusion_model.` prefixes, BFL dotted
-names and XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`).
+names and XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`,
+`single_blocks.0.processor.qkv_lora.down.weight`).
 
 The key tables were written against diffsynth 2.1.12's module tree (FluxDiT, the CLIP
-encoder) and its state-dict converters; DiffSynth's own LoRA converter is not used
-(it rescales the caller's tensors in place and fails on q/v-only LoRAs).
+encoder, the transformers T5EncoderModel behind FluxTextEncoderT5) and its state-dict
+converters; DiffSynth's own LoRA converter is not used (it rescales the caller's tensors in
+place and fails on q/v-only LoRAs).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class LoRAPiece:
     """One low-rank update: rows `rows` (in units of the module's in_features, None = all)
     of `component`'s module `module` get `scale * B @ A`."""
 
-    component: str  # "dit" or "te1"
+    component: str  # "dit", "te1" (CLIP) or "te2" (T5)
     module: str  # DiffSynth module name
     rows: tuple[int, int] | None
     A: torch.Tensor  # [r, in]
@@ -77,9 +80,14 @@ _KOHYA_GLOBAL = {
     # BFL's final modulation is (shift, scale), the same order as DiffSynth's.
     "final_layer_adaLN_modulation_1": "final_norm_out.linear",
 }
-# XLabs attention processors (double blocks): lora1 = image stream, lora2 = text stream.
+# XLabs attention processors (x-flux DoubleStreamBlockLoraProcessor): lora1 = image stream,
+# lora2 = text stream; each LoRA reads the same input as the BFL linear it sits beside.
 _XLABS_DOUBLE = {"qkv_lora1": "attn.a_to_qkv", "qkv_lora2": "attn.b_to_qkv",
                  "proj_lora1": "attn.a_to_out", "proj_lora2": "attn.b_to_out"}
+# x-flux SingleStreamBlockLoraProcessor: qkv_lora (dim -> 3 dim) is added to the q/k/v part of
+# linear1's output (rows 0:3 dim of the fused to_qkv_mlp), proj_lora (15360 -> dim) reads
+# linear2's input. (module, rows in units of in_features or None)
+_XLABS_SINGLE = {"qkv_lora": ("to_qkv_mlp", (0, 3)), "proj_lora": ("proj_out", None)}
 # diffusers names -> (DiffSynth module, rows in units of in_features or None)
 _DIFFUSERS_DOUBLE = {
     "attn.to_q": ("attn.a_to_qkv", (0, 1)), "attn.to_k": ("attn.a_to_qkv", (1, 2)),
@@ -114,6 +122,14 @@ _DIFFSYNTH_SINGLE = set(_KOHYA_SINGLE.values())
 _CLIP = {"self_attn_q_proj": "attn.to_q", "self_attn_k_proj": "attn.to_k", "self_attn_v_proj": "attn.to_v",
          "self_attn_out_proj": "attn.to_out", "mlp_fc1": "fc1", "mlp_fc2": "fc2"}
 _CLIP_NATIVE = set(_CLIP.values())
+# T5 v1.1 (gated FFN, no biases), as in FLUX's text_encoder_2: kohya names (dots of the
+# transformers module names become underscores) -> module names under encoder.block.N.
+_T5 = {"layer_0_SelfAttention_q": "layer.0.SelfAttention.q", "layer_0_SelfAttention_k": "layer.0.SelfAttention.k",
+       "layer_0_SelfAttention_v": "layer.0.SelfAttention.v", "layer_0_SelfAttention_o": "layer.0.SelfAttention.o",
+       "layer_1_DenseReluDense_wi_0": "layer.1.DenseReluDense.wi_0",
+       "layer_1_DenseReluDense_wi_1": "layer.1.DenseReluDense.wi_1",
+       "layer_1_DenseReluDense_wo": "layer.1.DenseReluDense.wo"}
+_T5_NATIVE = set(_T5.values())
 
 _SUFFIXES = [
     (re.compile(r"\.lora_down\.weight$"), "A"), (re.compile(r"\.lora_up\.weight$"), "B"),
@@ -141,7 +157,11 @@ def _split_key(key: str) -> tuple[str, str | None]:
 
 
 def _strip_prefix(base: str) -> tuple[str, str]:
-    """-> (family, rest): family in kohya_unet, te1, t5, plain."""
+    """-> (family, rest): family in kohya_unet, te1, t5, plain.
+
+    T5 on FLUX: kohya's lora_flux writes `lora_te3_` (SD3 numbering, kept "for ComfyUI"),
+    OneTrainer / Forge write `lora_te2_`; ComfyUI reads both as FLUX's T5. In SD3/SDXL files
+    `lora_te2_` is CLIP-G: those keys have CLIP-shaped names and stay unmapped (see map_key)."""
     for prefix, family in (("lora_unet_", "kohya_unet"), ("lora_te1_", "te1"), ("lora_te_", "te1"),
                            ("lora_te2_", "t5"), ("lora_te3_", "t5")):
         if base.startswith(prefix):
@@ -152,7 +172,7 @@ def _strip_prefix(base: str) -> tuple[str, str]:
     if base.startswith("text_encoder."):
         return "te1", base[len("text_encoder."):].replace(".", "_")
     if base.startswith("text_encoder_2."):
-        return "t5", base
+        return "t5", base[len("text_encoder_2."):]
     if base.startswith("text_model."):
         return "te1", base.replace(".", "_")
     return "plain", base
@@ -169,6 +189,14 @@ def map_key(base: str) -> tuple[str, str, str, tuple[int, int] | None, bool] | N
             return "kohya-te1", "te1", f"encoders.{m.group(1)}.{_CLIP[m.group(2)]}", None, False
         return None
     if family == "t5":
+        # Only T5-shaped names: a CLIP-G key (SD3 / SDXL lora_te2_, text_encoder_2.text_model...)
+        # matches neither pattern and stays unmapped.
+        m = re.fullmatch(r"encoder_block_(\d+)_(\w+)", rest)
+        if m and m.group(2) in _T5:
+            return "kohya-te2", "te2", f"encoder.block.{m.group(1)}.{_T5[m.group(2)]}", None, False
+        m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", rest)
+        if m and m.group(2) in _T5_NATIVE:
+            return "diffusers-te2", "te2", rest, None, False
         return None
     if family == "plain":
         # XLabs processors
@@ -177,6 +205,10 @@ def map_key(base: str) -> tuple[str, str, str, tuple[int, int] | None, bool] | N
             if m.group(2) in _XLABS_DOUBLE:
                 return "xlabs", "dit", f"blocks.{m.group(1)}.{_XLABS_DOUBLE[m.group(2)]}", None, False
             return None
+        m = re.fullmatch(r"single_blocks\.(\d+)\.processor\.(\w+)", rest)
+        if m:
+            hit = _XLABS_SINGLE.get(m.group(2))
+            return ("xlabs", "dit", f"single_blocks.{m.group(1)}.{hit[0]}", hit[1], False) if hit else None
         # diffusers
         m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", rest)
         if m:
@@ -199,6 +231,10 @@ def map_key(base: str) -> tuple[str, str, str, tuple[int, int] | None, bool] | N
         m = re.fullmatch(r"encoders\.(\d+)\.(.+)", rest)
         if m and m.group(2) in _CLIP_NATIVE:
             return "diffsynth", "te1", rest, None, False
+        # the T5's own (transformers) names, e.g. PEFT on text_encoder_2 alone
+        m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", rest)
+        if m and m.group(2) in _T5_NATIVE:
+            return "diffsynth", "te2", rest, None, False
         # BFL dotted names: same table as kohya
         if re.match(r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\b", rest):
             hit = _map_kohya_unet(rest.replace(".", "_"))

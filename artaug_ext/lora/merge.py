@@ -62,16 +62,23 @@ class LoRAReport:
                 f"{self.restore_bytes / 2**20:.1f} MiB restore data on the host")
 
 
+_COMPONENT_NAMES = {"dit": "DiT", "te1": "text encoder 1 (CLIP)", "te2": "text encoder 2 (T5)"}
+
+
 def _components(target) -> dict[str, torch.nn.Module]:
-    """Which DiffSynth components a target offers: a pipeline gives its DiT and CLIP
-    encoder; a module is a DiT unless it looks like the CLIP encoder."""
-    if hasattr(target, "dit") or hasattr(target, "text_encoder_1"):
-        comps = {"dit": getattr(target, "dit", None), "te1": getattr(target, "text_encoder_1", None)}
+    """Which DiffSynth components a target offers: a pipeline gives its DiT, CLIP and T5
+    encoders; a module is a DiT unless it looks like the CLIP encoder (`encoders`) or the
+    transformers T5 encoder (`encoder.block`)."""
+    if hasattr(target, "dit") or hasattr(target, "text_encoder_1") or hasattr(target, "text_encoder_2"):
+        comps = {"dit": getattr(target, "dit", None), "te1": getattr(target, "text_encoder_1", None),
+                 "te2": getattr(target, "text_encoder_2", None)}
         return {k: v for k, v in comps.items() if v is not None}
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"load_lora: target must be a FluxImagePipeline or a torch.nn.Module, got {type(target).__name__}")
     if hasattr(target, "encoders") and not hasattr(target, "blocks"):
         return {"te1": target}
+    if hasattr(getattr(target, "encoder", None), "block") and not hasattr(target, "blocks"):
+        return {"te2": target}
     return {"dit": target}
 
 
@@ -126,7 +133,7 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAReport:
-    """Merge a LoRA into a FluxImagePipeline (DiT and CLIP text encoder) or a module.
+    """Merge a LoRA into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
 
     `lora`: a path (.safetensors, .pt, PEFT folder), a state dict, or a hub id. Keys that map
     to no module raise (strict=False: a warning with the count); a LoRA that maps to nothing
@@ -143,7 +150,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
     hot_groups: dict[tuple, list[LoRAPiece]] = {}
     for p in parsed.pieces:
         if p.component not in comps:
-            skipped.append(f"{p.source} (target has no {'text encoder 1' if p.component == 'te1' else 'DiT'})")
+            skipped.append(f"{p.source} (target has no {_COMPONENT_NAMES[p.component]})")
             continue
         module = named[p.component].get(p.module)
         if module is None or getattr(module, "weight", None) is None:
