@@ -50,7 +50,7 @@ from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxVAEDecoder, TinyFluxVAEE
 from artaug_ext.tiny.spec import SPECS
 from artaug_ext.tiny.trained import export_model_files
 from artaug_ext.train import FlowMatchObjective, FluxDenoiser, TrainConfig, train
-from artaug_ext.train.loop import make_accelerator
+from artaug_ext.train.loop import DONE_FILE, latest_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_tiny")
 
@@ -184,16 +184,33 @@ def load_text_pipeline(base_model: str, model_dir: str, device: str):
 
 # ------------------------------------------------------------------------------------ main
 
+def _recorded_steps(output_dir: str, probe: int) -> int | None:
+    """cfg.steps as recorded by the newest checkpoint, if it was saved after the probe."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return None
+    with open(os.path.join(ckpt, DONE_FILE), encoding="utf-8") as f:
+        record = json.load(f)
+    return int(record["config"]["steps"]) if int(record["step"]) >= probe else None
+
+
 def fit_steps_to_budget(cfg: TrainConfig, budget: float | None, max_steps: int, probe: int = 30):
     """An on_step hook: after `probe` steps, shrink cfg.steps to what fits the time budget.
 
     Runs inside the warmup, so the LR schedule (which reads cfg.steps) stays smooth and a
-    time-limited run still ends with a decayed LR.
+    time-limited run still ends with a decayed LR. A resumed run whose checkpoint is past the
+    probe keeps the step count recorded with that checkpoint: fitting again from the
+    command's max_steps would stretch the LR schedule mid-run and train a finished phase for
+    another whole budget.
     """
     t0 = [None]
+    pinned = _recorded_steps(cfg.output_dir, probe) if budget is not None else None
+    if pinned is not None:
+        cfg.steps = pinned
+        logger.info("resuming %s: keeping the %d steps fitted to the budget", cfg.output_dir, pinned)
 
     def hook(step: int):
-        if budget is None:
+        if budget is None or pinned is not None:
             return
         if step == 1:
             t0[0] = time.perf_counter()

@@ -146,3 +146,37 @@ def test_loop_state_keeps_every_ranks_generator(tmp_path):
     single = _LoopState(3)
     single.load_state_dict(_LoopState(3).state_dict())  # one process: the old format, unchanged
     assert set(_LoopState(3).state_dict()) == {"step", "generator"}
+
+
+def test_recipe_budget_fit_is_kept_on_resume(tmp_path):
+    """recipes/train_tiny.py fits the step count to a time budget once; a resumed run must keep
+    it (re-fitting from --dit-steps stretched the LR schedule and retrained a finished phase)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from artaug_ext.train.loop import DONE_FILE
+
+    def checkpoint(step, steps):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / DONE_FILE).write_text(json.dumps({"step": step, "config": {"steps": steps}}))
+
+    cfg = TrainConfig(str(tmp_path), steps=20000)
+    recipe.fit_steps_to_budget(cfg, 60.0, 20000)
+    assert cfg.steps == 20000  # nothing to resume: fitted later by the hook
+    checkpoint(10, 20000)  # saved before the probe: not fitted yet
+    recipe.fit_steps_to_budget(cfg, 60.0, 20000)
+    assert cfg.steps == 20000
+    checkpoint(1730, 1730)  # a finished, fitted phase
+    hook = recipe.fit_steps_to_budget(cfg, 60.0, 20000)
+    assert cfg.steps == 1730
+    hook(1), hook(30)
+    assert cfg.steps == 1730
+    cfg = TrainConfig(str(tmp_path), steps=5000)
+    recipe.fit_steps_to_budget(cfg, None, 5000)  # no budget: the command's --steps rule
+    assert cfg.steps == 5000
