@@ -38,6 +38,19 @@ def test_glm_v_box_tokens():
     assert boxes(r) == [(0.25, 0.1, 0.75, 0.5), (0.0, 0.7, 1.0, 1.0)]
 
 
+    assert boxes(r) == [(0.25, 0.1, 0.75, 0.5), (0.0, 0.7, 1.0, 1.0)]
+
+
+def test_glm_45v_double_bracket_boxes():
+    # GLM-4.5V / 4.6V answer `[[x0,y0,x1,y1]]` (several boxes: `[[...],[...]]`); single brackets still work.
+    text = ("warmer light on the bottles <|begin_of_box|>[[94,598,177,991]]<|end_of_box|>.\n"
+            "detail: crisp leaves <|begin_of_box|>[[0,0,500,250],[500,0,1000,250]]<|end_of_box|>")
+    r = parse_suggestions(text, (300, 200))
+    assert [s.prompt for s in r.suggestions] == ["warmer light on the bottles", "crisp leaves", "crisp leaves"]
+    assert r.suggestions[1].category == "detail" and r.reason == ""
+    assert boxes(r) == [(0.094, 0.598, 0.177, 0.991), (0.0, 0.0, 0.5, 0.25), (0.5, 0.0, 1.0, 0.25)]
+
+
 def test_bbox_2d_absolute_pixels_in_fence():
     text = 'Sure!\n```json\n[{"bbox_2d": [28, 56, 280, 140], "label": "bright sunlight", "category": "Lighting"}]\n```'
     r = parse_suggestions(text, (280, 280))

@@ -6,7 +6,8 @@ convention we target (DESIGN.md section 2) and returns normalised boxes:
 - Qwen2-VL: `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x0,y0),(x1,y1)<|box_end|>`
   on a 0-1000 grid, and the same with the special tokens stripped (`the sky(0,0),(999,380)`),
   which is what vLLM returns unless the request sets `skip_special_tokens: false`;
-- GLM-V: `label <|begin_of_box|>[x0,y0,x1,y1]<|end_of_box|>` on a 0-1000 grid;
+- GLM-V: `label <|begin_of_box|>[x0,y0,x1,y1]<|end_of_box|>` on a 0-1000 grid (GLM-4.5V/4.6V:
+  `[[x0,y0,x1,y1]]`, several boxes `[[...],[...]]`);
 - JSON (bare or inside ```json fences, one object or a list, or {"suggestions": [...]}):
   `bbox_2d` in absolute pixels of `image_size` (Qwen2.5-VL; pass coords="rel1000" for
   Qwen3-VL, and for Qwen2-VL answering in JSON) or `box` already normalised to [0, 1].
@@ -96,8 +97,9 @@ _QWEN2 = re.compile(
     re.S,
 )
 _STRIPPED = re.compile(r"\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)\s*,\s*\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)")
-_GLM = re.compile(r"<\|begin_of_box\|>\s*\[\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*,\s*" + _NUM
-                  + r"\s*\]\s*<\|end_of_box\|>")
+# GLM-V writes `[x0,y0,x1,y1]`, and GLM-4.5V/4.6V `[[x0,y0,x1,y1]]` or several `[[...],[...]]`.
+_GLM = re.compile(r"<\|begin_of_box\|>(.*?)<\|end_of_box\|>", re.S)
+_QUAD = re.compile(r"\[\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\]")
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)(?:```|\Z)", re.S)
 _LABEL_CAT = re.compile(r"^\s*\[?\s*(" + "|".join(CATEGORIES) + r")\s*\]?\s*[:\-\u2013|]\s*", re.I)
 
@@ -128,6 +130,16 @@ def _text_boxes(text: str, pattern: re.Pattern, has_label_group: bool) -> list[d
         raw_label = m.group("label") if has_label_group and m.group("label") is not None else text[prev_end:m.start()]
         category, prompt = _clean_label(raw_label)
         out.append({"coords": nums, "prompt": prompt, "category": category})
+        prev_end = m.end()
+    return out
+
+
+def _glm_boxes(text: str) -> list[dict]:
+    """Candidates from GLM-V box blocks; every box of a block gets the text before the block."""
+    out, prev_end = [], 0
+    for m in _GLM.finditer(text):
+        category, prompt = _clean_label(text[prev_end:m.start()])
+        out += [{"coords": list(q.groups()), "prompt": prompt, "category": category} for q in _QUAD.finditer(m.group(1))]
         prev_end = m.end()
     return out
 
@@ -257,7 +269,7 @@ def _parse(text, image_size, coords, max_suggestions) -> ParseResult:
     if "<|box_start|>" in text:
         candidates, fmt = _text_boxes(text, _QWEN2, True), "qwen2-vl"
     if not candidates and "<|begin_of_box|>" in text:
-        candidates, fmt = _text_boxes(text, _GLM, False), "glm-v"
+        candidates, fmt = _glm_boxes(text), "glm-v"
     if not candidates and ("{" in text or "[" in text):
         values, json_error = _json_values(text)
         for v in values:
