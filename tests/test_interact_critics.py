@@ -207,6 +207,9 @@ def test_openai_drops_skip_special_tokens_when_rejected(server_factory):
     srv = server_factory([(400, "unknown field skip_special_tokens", 0.0), (200, "sky(0,0),(1000,500)", 0.0)])
     r = OpenAICritic(srv.url, "qwen2-vl", backoff=0.01).critique(Image.new("RGB", (32, 32)), "x")
     assert "skip_special_tokens" not in srv.requests[1]["body"] and r.suggestions[0].prompt == "sky"
+    srv = server_factory([(400, "unknown field skip_special_tokens", 0.0), (200, "sky(0,0),(1000,500)", 0.0)])
+    r = OpenAICritic(srv.url, "qwen2-vl", max_retries=0).critique(Image.new("RGB", (32, 32)), "x")
+    assert len(srv.requests) == 2 and r.suggestions[0].prompt == "sky"  # the resend is not a retry
 
 
 def test_openai_concurrency_limit(server_factory):

@@ -16,6 +16,7 @@ size its coordinates refer to, and hands both to `parse_suggestions`.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
@@ -329,35 +330,36 @@ class OpenAICritic:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode("utf-8")
         url = self.base_url + "/chat/completions"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                delay = self.backoff * 2 ** (attempt - 1)
-                logger.warning("critic request failed (%s); retry %d/%d in %.1fs", last, attempt, self.max_retries, delay)
-                time.sleep(delay)
+        last, failures = "", 0
+        while True:
             req = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
                 with self._slots, urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read().decode("utf-8"))
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
-                if e.code >= 500 or e.code == 429:
-                    last = f"HTTP {e.code}"
-                    continue
                 if e.code == 400 and "skip_special_tokens" in detail and "skip_special_tokens" in body:
+                    # A resend without the field, not a failure: it must work with max_retries=0 too.
                     logger.warning("server rejects skip_special_tokens; sending without it (Qwen2-VL box tokens may be stripped)")
                     body = {k: v for k, v in body.items() if k != "skip_special_tokens"}
                     data = json.dumps(body).encode("utf-8")
                     continue
-                raise CriticError(f"critic server {url} answered HTTP {e.code}: {detail.strip()} "
-                                  f"(check --critic-model, the API key in the environment and the base URL)") from None
+                if e.code < 500 and e.code != 429:
+                    raise CriticError(f"critic server {url} answered HTTP {e.code}: {detail.strip()} "
+                                      f"(check --critic-model, the API key in the environment and the base URL)") from None
+                last = f"HTTP {e.code}"
             except TimeoutError as e:
                 last = f"timeout after {self.timeout}s ({e})"
             except urllib.error.URLError as e:
                 last = f"connection failed: {e.reason}"
-            except (ConnectionError, json.JSONDecodeError) as e:
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError) as e:
                 last = f"{type(e).__name__}: {e}"
-        raise CriticError(f"critic server {url} failed {self.max_retries + 1} times; last: {last}")
+            failures += 1
+            if failures > self.max_retries:
+                raise CriticError(f"critic server {url} failed {failures} times; last: {last}")
+            delay = self.backoff * 2 ** (failures - 1)
+            logger.warning("critic request failed (%s); retry %d/%d in %.1fs", last, failures, self.max_retries, delay)
+            time.sleep(delay)
 
     def critique(self, image: Image.Image, prompt: str) -> ParseResult:
         sent = self.prepare_image(image)
