@@ -144,3 +144,8 @@ def test_coords_applies_to_bbox_2d_only():
     assert boxes(r) == [(0.1, 0.2, 0.5, 1.0), (0.1, 0.1, 0.5, 0.5)]
     glm = parse_suggestions("sky <|begin_of_box|>[0,0,500,500]<|end_of_box|>", (64, 64), coords="abs")
     assert boxes(glm) == [(0.0, 0.0, 0.5, 0.5)]
+
+
+def test_unknown_coords_convention_is_a_caller_error():
+    with pytest.raises(ValueError, match="coords='rel100'"):
+        parse_suggestions('{"bbox_2d": [1, 2, 3, 4], "label": "x"}', (64, 64), coords="rel100")

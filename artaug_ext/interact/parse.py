@@ -239,7 +239,12 @@ def parse_suggestions(text, image_size: tuple[int, int], coords: str = "auto",
     (Qwen2.5-VL), "rel1000" = 0-1000 grid (Qwen2-VL and Qwen3-VL when they answer in JSON),
     "norm" = already in [0, 1]. Inline token boxes (Qwen2-VL, GLM-V) are always on the 0-1000
     grid and JSON `box` is always normalised.
+
+    Never raises on the answer; an unknown `coords` is the caller's bug and raises ValueError
+    (as a reason it would silently empty every critique of a run).
     """
+    if coords not in COORDS:
+        raise ValueError(f"coords={coords!r}: use one of {COORDS}")
     try:
         return _parse(text, image_size, coords, max_suggestions)
     except Exception as e:  # the parser must never take a run down
@@ -247,8 +252,6 @@ def parse_suggestions(text, image_size: tuple[int, int], coords: str = "auto",
 
 
 def _parse(text, image_size, coords, max_suggestions) -> ParseResult:
-    if coords not in COORDS:
-        raise ValueError(f"coords={coords!r}: use one of {COORDS}")
     if not isinstance(text, str):
         return ParseResult([], f"the answer is {type(text).__name__}, not text")
     if not text.strip():
