@@ -104,13 +104,15 @@ def save_grid(images_and_captions, path: str, columns: int = 4, cell: int = 192)
 
 def add_eval_tiny_parser(sub) -> None:
     """Add the `eval-tiny` subcommand to the `artaug` CLI's subparsers."""
+    from .interact.cli import positive_int
+
     p = sub.add_parser("eval-tiny", help="caption fidelity of the tiny model on held-out prompts")
     p.add_argument("--model", default="tiny", help="tiny model to evaluate (default tiny)")
     p.add_argument("--model-dir", default=None, help="model root (default: ARTAUG_HOME or ~/.cache/artaug)")
-    p.add_argument("-n", "--prompts", type=int, default=64, help="held-out prompts (default 64)")
-    p.add_argument("--lighting-pairs", type=int, default=32, help="dim/bright prompt pairs (default 32)")
+    p.add_argument("-n", "--prompts", type=positive_int, default=64, help="held-out prompts (default 64)")
+    p.add_argument("--lighting-pairs", type=positive_int, default=32, help="dim/bright prompt pairs (default 32)")
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's, 256)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -61,3 +61,13 @@ def test_draws_the_prompt_colours(trained_pipe):
     # trained for), so either assignment passes here; eval-tiny measures the binding.
     assert {a.colour, a.background} == {"red", "blue"}, a
     assert a.shape == "circle" and a.position == "center" and 0.02 < a.area < 0.5, a
+
+
+def test_eval_tiny_rejects_non_positive_counts(capsys):
+    from artaug_ext.eval_tiny import main
+
+    for argv in (["-n", "0"], ["--steps", "-2"], ["--lighting-pairs", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "must be positive" in capsys.readouterr().err
