@@ -36,3 +36,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (opt in: `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the same arithmetic as the CLI subprocesses the interact tests start with --threads 1 (their
+    byte-identity checks), and no thread thrash on a shared 2-core machine (the tiny model gains
+    nothing from 2)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(one_thread):
+    """The untrained tiny model in fp32 on CPU, one per test module."""
+    import torch
+
+    from artaug_ext.pipeline import load_pipeline
+
+    return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)

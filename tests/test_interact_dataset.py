@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 from PIL import Image
 
 from artaug_ext.interact.dataset import (
@@ -24,26 +23,13 @@ from artaug_ext.interact.dataset import (
 from artaug_ext.interact.parse import Suggestion
 from artaug_ext.interact.pictures import pair_picture
 from artaug_ext.interact.scorers import FilterConfig, HeuristicScorer, keep_pair, make_scorer
-from artaug_ext.pipeline import load_pipeline
 
 PROMPTS = ["a red circle on a blue background, dim light", "a yellow star in the top left, bright light",
            "a white square on a black background, overexposed", "a green triangle in the center"]
 SIZE, STEPS = 64, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the CLI subprocesses: the same arithmetic on both sides of
-    the byte-identity check, and no thread thrash on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe(one_thread):
-    return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # and `pipe`: tests/conftest.py
 
 
 def cfg(**kw):

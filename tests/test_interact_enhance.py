@@ -16,7 +16,7 @@ from artaug_ext.interact.enhance import (
     regional_prompts,
 )
 from artaug_ext.interact.parse import Suggestion
-from artaug_ext.pipeline import generate, load_pipeline, t5_sequence_length
+from artaug_ext.pipeline import generate, t5_sequence_length
 
 SUGG = [Suggestion((0.0, 0.0, 0.5, 0.5), "bright light, vivid red colors in the top left", "lighting"),
         Suggestion((0.3, 0.4, 1.0, 1.0), "dim light, blue shadows in the bottom right", "lighting"),
@@ -24,18 +24,7 @@ SUGG = [Suggestion((0.0, 0.0, 0.5, 0.5), "bright light, vivid red colors in the 
 SIZE, STEPS = 128, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """No thread thrash on a shared 2-core machine (the tiny model gains nothing from 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe(one_thread):
-    return load_pipeline("tiny-random", device="cpu", torch_dtype=torch.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # and `pipe`: tests/conftest.py
 
 
 @pytest.mark.parametrize("side,expected", [(128, (33, 10.0)), (256, (33, 10.0)), (64, (17, 5.0)), (32, (9, 2.5)),
