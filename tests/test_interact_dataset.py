@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from artaug_ext.interact.dataset import (
@@ -73,6 +74,25 @@ def test_run_writes_manifest_pngs_and_resumes_without_redoing(tmp_path, pipe, mo
     assert again["processed"] == 0 and tree(run) == before
     with pytest.raises(ValueError, match="other settings"):
         run_interact(cfg(prompts=PROMPTS[:2], images_per_prompt=2, seed=7), str(run), pipe=pipe, progress=False)
+
+
+def test_lora_in_diffsynth_training_format_is_merged(tmp_path, pipe):
+    """--lora with the previous round's LoRA (DiffSynth's training keys, as artaug_ext.train
+    writes them) must change the DiT: DiffSynth's own pipe.load_lora merged 0 tensors of it."""
+    from safetensors.torch import save_file
+
+    from artaug_ext.interact.dataset import InteractRun
+
+    w = pipe.dit.blocks[0].attn.a_to_qkv.weight
+    g = torch.Generator().manual_seed(0)
+    lora = {"blocks.0.attn.a_to_qkv.lora_A.default.weight": torch.randn(4, w.shape[1], generator=g),
+            "blocks.0.attn.a_to_qkv.lora_B.default.weight": torch.randn(w.shape[0], 4, generator=g)}
+    path = str(tmp_path / "round1.safetensors")
+    save_file(lora, path)
+    run = InteractRun(cfg(loras=[(path, 0.5)]), str(tmp_path / "run"), device="cpu", progress=False)
+    delta = run.pipe.dit.blocks[0].attn.a_to_qkv.weight.float() - w.float()
+    expected = 0.5 * lora["blocks.0.attn.a_to_qkv.lora_B.default.weight"] @ lora["blocks.0.attn.a_to_qkv.lora_A.default.weight"]
+    assert torch.allclose(delta, expected, atol=1e-4) and run.lora_sha[0]["path"] == "round1.safetensors"
 
 
 def test_sharded_ranks_merge_to_the_single_rank_manifest(tmp_path, pipe, monkeypatch):

@@ -302,9 +302,13 @@ class InteractRun:
         self.width = cfg.width or default_size(cfg.model)
         self.t5_len = t5_sequence_length(cfg.model)
         if pipe is None:
+            from ..lora import load_lora
+
             pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
             for path, alpha in cfg.loras:
-                pipe.load_lora(pipe.dit, path, alpha=alpha)
+                # Ours, not `pipe.load_lora`: DiffSynth's merges 0 tensors of a LoRA in its own
+                # training format (the previous round's) without an error, and merges in bf16.
+                load_lora(pipe, path, alpha=alpha)
         self.pipe = pipe
         if critic is None:
             from .critics import make_critic
