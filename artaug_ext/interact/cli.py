@@ -61,7 +61,7 @@ def add_interact_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny", choices=known_models(), help="base model (default tiny)")
     p.add_argument("--model-dir", default=None, help="model root (default: ARTAUG_HOME, DIFFSYNTH_MODEL_BASE_PATH, ~/.cache/artaug)")
     p.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:ALPHA]",
-                   help="LoRA to merge into the DiT first (repeatable; e.g. the previous round's)")
+                   help="LoRA to merge first, any format artaug reads (repeatable; e.g. the previous round's)")
     p.add_argument("--critic", default="heuristic", choices=CRITICS,
                    help="heuristic (offline light meter, default), openai (OpenAI-compatible server), transformers (local Qwen2-VL)")
     p.add_argument("--critic-model", default=None, help="openai: served model name; transformers: folder or id")
