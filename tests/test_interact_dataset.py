@@ -95,6 +95,21 @@ def test_lora_in_diffsynth_training_format_is_merged(tmp_path, pipe):
     assert torch.allclose(delta, expected, atol=1e-4) and run.lora_sha[0]["path"] == "round1.safetensors"
 
 
+def test_transformers_critic_stays_on_its_rank_device(tmp_path, pipe, monkeypatch):
+    from artaug_ext.interact import critics
+    from artaug_ext.interact.dataset import InteractRun
+
+    seen = {}
+    monkeypatch.setattr(critics, "make_critic", lambda name, **options: seen.update(options) or object())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    config = cfg(critic="transformers", critic_options={"path": "some/vlm"})
+    InteractRun(config, str(tmp_path / "run"), pipe=pipe, scorer=HeuristicScorer(), device="cuda", progress=False)
+    want = "cuda:1" if torch.cuda.is_available() else "cpu"
+    assert seen == {"path": "some/vlm", "device_map": want} and config.critic_options == {"path": "some/vlm"}
+
+
 def test_sharded_ranks_merge_to_the_single_rank_manifest(tmp_path, pipe, monkeypatch):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -313,7 +313,12 @@ class InteractRun:
         if critic is None:
             from .critics import make_critic
 
-            critic = make_critic(cfg.critic, **dict(cfg.critic_options))
+            options = dict(cfg.critic_options)
+            if cfg.critic == "transformers" and self.world > 1:
+                # One copy of the VLM on this rank's device: device_map="auto" on every rank
+                # would spread every rank's copy over all GPUs.
+                options.setdefault("device_map", device or "cpu")
+            critic = make_critic(cfg.critic, **options)
         self.critic = critic
         if scorer is None:
             from .scorers import make_scorer
