@@ -37,21 +37,15 @@ from .models import (
 )
 from .spec import TinyFluxSpec
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
-from .trained import copy_asset_tokenizers, load_asset_state_dicts
+from .trained import TOKENIZER_DIRS, WEIGHT_FILES, copy_asset_tokenizers, load_asset_state_dicts
 
 logger = logging.getLogger(__name__)
 
 MARKER = "artaug_tiny.json"
 FORMAT_VERSION = 1
 
-FILES = {
-    "dit": "flux1-dev.safetensors",
-    "vae": "ae.safetensors",
-    "text_encoder": "text_encoder/model.safetensors",
-    "text_encoder_2": "text_encoder_2/model.safetensors",
-    "tokenizer": "tokenizer",
-    "tokenizer_2": "tokenizer_2",
-}
+# role -> path in the model folder: the weight files (one table, in trained.py) plus the tokenizer folders.
+FILES = {**WEIGHT_FILES, **{d: d for d in TOKENIZER_DIRS}}
 
 
 def build_modules(spec: TinyFluxSpec, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
@@ -163,7 +157,7 @@ def _matches_assets(spec: TinyFluxSpec, folder: str) -> bool:
     """A trained model's folder is current only if it was built from the installed assets."""
     if not spec.weights_from:
         return True
-    from .trained import WEIGHT_FILES, asset_dir
+    from .trained import asset_dir
 
     built = _read_json(os.path.join(folder, MARKER)).get("files", {})
     assets = asset_dir(spec.weights_from)
