@@ -14,12 +14,15 @@ import os
 
 import torch
 
-from .hub import resolve_model_files
+from .hub import model_root, resolve_model_files
 from .registry import register
 from .tiny.build import ensure_tiny_model, model_file_paths
 from .tiny.spec import ALIASES, SPECS, get_spec
 
 logger = logging.getLogger(__name__)
+
+# The tokenizers are used once per prompt; their thread pool only warns after a fork (DataLoader, accelerate).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REAL_MODELS = {"flux-dev"}
 
@@ -50,9 +53,7 @@ def _diffsynth_prints_to_log():
 
 def model_paths(model: str, model_dir: str | None = None) -> dict[str, str | list[str]]:
     """{role: path(s)} of a known model: dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
-    if model in SPECS or model in ALIASES:
-        from .hub import model_root
-
+    if _is_tiny(model):
         folder = ensure_tiny_model(get_spec(model), model_root(model_dir))
         return model_file_paths(folder)
     if model == "flux-dev":
@@ -95,22 +96,28 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
     return pipe
 
 
+# FLUX.1-dev defaults of the ArtAug authors; the tiny models carry theirs in their spec.
+FLUX_DEFAULTS = {"t5_sequence_length": 512, "default_steps": 30, "default_size": 1024}
+
+
+def _is_tiny(model: str) -> bool:
+    return model in SPECS or model in ALIASES
+
+
+def _model_default(model: str, name: str) -> int:
+    return getattr(get_spec(model), name) if _is_tiny(model) else FLUX_DEFAULTS[name]
+
+
 def t5_sequence_length(model: str) -> int:
-    if model in SPECS or model in ALIASES:
-        return get_spec(model).t5_sequence_length
-    return 512
+    return _model_default(model, "t5_sequence_length")
 
 
 def default_steps(model: str) -> int:
-    if model in SPECS or model in ALIASES:
-        return get_spec(model).default_steps
-    return 30
+    return _model_default(model, "default_steps")
 
 
 def default_size(model: str) -> int:
-    if model in SPECS or model in ALIASES:
-        return get_spec(model).default_size
-    return 1024
+    return _model_default(model, "default_size")
 
 
 def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, height: int | None = None,
@@ -132,5 +139,3 @@ def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, heig
             progress_bar_cmd=tqdm if progress else (lambda x: x),
         )
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
