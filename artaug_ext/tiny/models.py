@@ -88,6 +88,26 @@ class TinyFluxTextEncoderT5(T5EncoderModel):
     def forward(self, input_ids):
         return super().forward(input_ids=input_ids).last_hidden_state
 
+    @torch.no_grad()
+    def attend_to_neighbours(self, strength: float = 8.0) -> None:
+        """Set the relative-position bias so head 0 reads the previous token and head 1 the next.
+
+        FLUX gives text tokens no positions (its text ids are all zero), so the DiT can only
+        tell "a red circle on a blue background" from "a blue circle on a red background"
+        if the text encoder mixes each word with its neighbours. A trained T5 learns that
+        bias; a randomly initialised one averages every token alike and returns a bag of
+        words. With this bias the shape and background tokens carry the colour word before
+        them (two layers: two words either side). Everything else keeps its weights.
+        """
+        if self.config.num_heads < 2:
+            raise ValueError("attend_to_neighbours needs at least 2 attention heads")
+        attention = self.encoder.block[0].layer[0].SelfAttention
+        bias = attention.relative_attention_bias.weight  # [buckets, heads], shared by all layers
+        bidirectional_half = self.config.relative_attention_num_buckets // 2
+        bias.zero_()
+        bias[1, 0] = strength  # key one position before the query
+        bias[bidirectional_half + 1, 1] = strength  # key one position after
+
 
 class TinyFluxTextEncoderClip(FluxTextEncoderClip):
     """DiffSynth's CLIP text encoder already takes sizes; named here so the registry
