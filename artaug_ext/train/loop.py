@@ -249,6 +249,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
                 logger.info("step %d loss %.5f (avg %.5f) lr %.3e", state.step, total, running, scheduler.get_last_lr()[0])
             if on_step is not None:
                 on_step(state.step, total)
+        if bar.total != cfg.steps:  # an on_step hook refitted the step count (time budget)
+            bar.total = cfg.steps
+            bar.refresh()
         out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or out_of_time:
             _save_checkpoint(accelerator, cfg, state)
