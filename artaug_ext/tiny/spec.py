@@ -45,9 +45,11 @@ TINY_RANDOM = TinyFluxSpec(
     description="FLUX.1 architecture at CPU size with random weights: its images are noise.",
 )
 
-# Trained on procedural scenes (recipes/train_tiny.py); same text encoders as tiny-random (frozen).
-TINY_V1 = TinyFluxSpec(
-    name="tiny-v1",
+# Trained on procedural scenes (recipes/train_tiny.py). Text encoders: tiny-random's, frozen, with
+# the T5's relative-position bias set to read neighbouring words (TinyFluxTextEncoderT5.attend_to_neighbours)
+# so colour words bind to their shape or background; v1 (a bag-of-words T5) swapped them.
+TINY_V2 = TinyFluxSpec(
+    name="tiny-v2",
     dit=dict(dim=256, num_heads=4, num_joint_blocks=2, num_single_blocks=4, axes_dim=(16, 24, 24),
              input_dim=64, text_dim=64, pooled_dim=32),
     clip=dict(TINY_RANDOM.clip),
@@ -60,9 +62,9 @@ TINY_V1 = TinyFluxSpec(
     weights_from="tiny",
 )
 
-SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM, TINY_V1.name: TINY_V1}
+SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM, TINY_V2.name: TINY_V2}
 # `tiny` is the trained model; `tiny-random` stays the untrained one (fast unit tests).
-ALIASES: dict[str, str] = {"tiny": "tiny-v1"}
+ALIASES: dict[str, str] = {"tiny": "tiny-v2"}
 
 
 def get_spec(name: str) -> TinyFluxSpec:
