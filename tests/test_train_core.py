@@ -180,3 +180,49 @@ def test_recipe_budget_fit_is_kept_on_resume(tmp_path):
     cfg = TrainConfig(str(tmp_path), steps=5000)
     recipe.fit_steps_to_budget(cfg, None, 5000)  # no budget: the command's --steps rule
     assert cfg.steps == 5000
+
+
+def _rank_trains_until_main_says(rank, world, port, out_dir):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from artaug_ext.train.loop import make_accelerator
+
+    cfg = TrainConfig(out_dir, steps=8, batch_size=2, lr=1e-3, warmup_steps=1, progress=False, checkpoint_every=0)
+    accelerator = make_accelerator(cfg, cpu=True)
+    assert accelerator.num_processes == world
+
+    def shrink(step, loss):  # what recipes/train_tiny.py's budget fit does, on the main process only
+        if step == 2:
+            cfg.steps = 3
+
+    objective = FlowMatchObjective()
+    data = _data()
+    loss = lambda m, b, gen: objective(m, b["latents"], b["prompt_emb"], b["pooled_prompt_emb"], gen)  # noqa: E731
+    result = train(_denoiser(), loss, lambda idx: {k: v[idx] for k, v in data.items()}, len(data["latents"]), cfg,
+                   accelerator=accelerator, on_step=shrink)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(str(result.step))
+    accelerator.end_training()
+
+
+def test_ranks_stop_together_when_the_main_process_refits_steps(tmp_path):
+    """on_step runs on rank 0 only; a step count it changes must reach the other ranks (else
+    they train on alone and hang in DDP's next all-reduce)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_trains_until_main_says, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung and [p.exitcode for p in procs] == [0, 0]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3", "3"]

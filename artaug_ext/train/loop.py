@@ -183,13 +183,28 @@ def _save_checkpoint(accelerator, cfg: TrainConfig, state: _LoopState) -> str:
     return final
 
 
+def _agree_with_main_process(accelerator, cfg: TrainConfig, out_of_time: bool) -> bool:
+    """Every rank takes the main process's step count and time-budget verdict.
+
+    on_step hooks run on the main process only (one may refit cfg.steps) and each rank reads
+    its own clock; ranks that disagreed on when to stop would hang in the next collective.
+    """
+    from accelerate.utils import broadcast
+
+    decision = torch.tensor([cfg.steps, int(out_of_time)], dtype=torch.int64, device=accelerator.device)
+    decision = broadcast(decision, from_process=0)
+    cfg.steps = int(decision[0])
+    return bool(decision[1])
+
+
 def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[int]], dict], dataset_size: int,
           cfg: TrainConfig, accelerator=None, on_step: Callable | None = None) -> TrainResult:
     """Train `model`'s trainable parameters for `cfg.steps` optimizer steps.
 
     loss_fn(model, batch, generator) -> scalar loss; get_batch(indices) -> batch dict (on
     any device; moved here). `on_step(step, loss)` is called after each optimizer step on
-    the main process. Resumes from the newest checkpoint in `cfg.output_dir` if any.
+    the main process; a step count it sets in `cfg.steps` reaches every rank. Resumes from
+    the newest checkpoint in `cfg.output_dir` if any.
     """
     from tqdm import tqdm
 
@@ -249,10 +264,12 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
                 logger.info("step %d loss %.5f (avg %.5f) lr %.3e", state.step, total, running, scheduler.get_last_lr()[0])
             if on_step is not None:
                 on_step(state.step, total)
+        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+        if world > 1:
+            out_of_time = _agree_with_main_process(accelerator, cfg, out_of_time)
         if bar.total != cfg.steps:  # an on_step hook refitted the step count (time budget)
             bar.total = cfg.steps
             bar.refresh()
-        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or out_of_time:
             _save_checkpoint(accelerator, cfg, state)
             last_saved = state.step
