@@ -61,7 +61,7 @@ from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxVAEDecoder, TinyFluxVAEE
 from artaug_ext.tiny.spec import SPECS
 from artaug_ext.tiny.trained import export_model_files
 from artaug_ext.train import FlowMatchObjective, FluxDenoiser, TrainConfig, train
-from artaug_ext.train.loop import DONE_FILE, latest_checkpoint, make_accelerator
+from artaug_ext.train.loop import DONE_FILE, TrainResult, latest_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_tiny")
 
@@ -274,27 +274,35 @@ def parse_args(argv=None):
     return args
 
 
+def shipped_vae(spec, device: str) -> VAEPair:
+    """The shipped model's VAE (fp16 assets, computed in fp32), frozen."""
+    from artaug_ext.tiny.converters import tiny_vae_decoder_converter, tiny_vae_encoder_converter
+    from artaug_ext.tiny.trained import load_asset_state_dicts
+
+    states = load_asset_state_dicts(spec.weights_from)
+    vae = VAEPair(spec.vae["channels"])
+    vae.encoder.load_state_dict({k: v.float() for k, v in tiny_vae_encoder_converter(states["vae"]).items()})
+    vae.decoder.load_state_dict({k: v.float() for k, v in tiny_vae_decoder_converter(states["vae"]).items()})
+    return vae.requires_grad_(False).eval().to(device)
+
+
 def finetune_decoder(args, device: str) -> dict:
     """Fine-tune only the shipped VAE's decoder (the encoder, so the DiT's latent space, stays).
 
     Trains on 128-pixel crops of 256-pixel scenes: the decoder sees the edges of the default
     resolution at a quarter of the cost, which fits a CPU.
     """
-    from artaug_ext.tiny.converters import tiny_vae_decoder_converter, tiny_vae_encoder_converter
     from artaug_ext.tiny.trained import asset_dir, load_asset_state_dicts
 
     spec = SPECS[args.spec]
     os.makedirs(args.work_dir, exist_ok=True)
     states = load_asset_state_dicts(spec.weights_from)
-    vae = VAEPair(spec.vae["channels"])
-    vae.encoder.load_state_dict({k: v.float() for k, v in tiny_vae_encoder_converter(states["vae"]).items()})
-    vae.decoder.load_state_dict({k: v.float() for k, v in tiny_vae_decoder_converter(states["vae"]).items()})
-    vae.encoder.requires_grad_(False).eval()
+    vae = shipped_vae(spec, device)
+    vae.decoder.requires_grad_(True)
     images, _ = render_dataset(args.work_dir, "decoder", args.vae_scenes, 256, VAE_SEED_BASE + 500_000, args.workers)
     n_eval = 4 if args.micro else 32
     held = {size: np.stack([scenes.render(scenes.random_scene(PSNR_SEED_BASE + i, held_out=None), size)
                             for i in range(n_eval)]) for size in (128, 256)}
-    vae = vae.to(device)
     report = {"before": {s: psnr(vae.encoder, vae.decoder, held[s], device) for s in held}}
     logger.info("decoder PSNR before: %s", report["before"])
 
@@ -329,18 +337,6 @@ def finetune_decoder(args, device: str) -> dict:
         export_model_files(states, asset_dir(spec.weights_from), args.export)
         logger.info("exported the model with the fine-tuned decoder to %s", args.export)
     return report
-
-
-def shipped_vae(spec, device: str) -> VAEPair:
-    """The shipped model's VAE (fp16 assets, computed in fp32), frozen."""
-    from artaug_ext.tiny.converters import tiny_vae_decoder_converter, tiny_vae_encoder_converter
-    from artaug_ext.tiny.trained import load_asset_state_dicts
-
-    states = load_asset_state_dicts(spec.weights_from)
-    vae = VAEPair(spec.vae["channels"])
-    vae.encoder.load_state_dict({k: v.float() for k, v in tiny_vae_encoder_converter(states["vae"]).items()})
-    vae.decoder.load_state_dict({k: v.float() for k, v in tiny_vae_decoder_converter(states["vae"]).items()})
-    return vae.requires_grad_(False).eval().to(device)
 
 
 def cached_latents(args, spec, device: str):
@@ -383,6 +379,49 @@ def refit_context_embedder(dit, old_emb: torch.Tensor, new_emb: torch.Tensor) ->
     return {"mse_before": before, "mse_after": after, "target_var": float(target.var())}
 
 
+def train_dit_with_ema(args, dit, data: dict, output_dir: str, device: str, warmup_cap: int, log_every: int,
+                       export) -> TrainResult:
+    """Flow matching on cached latents and caption embeddings, with an EMA of the weights.
+
+    `data` holds latents, prompt_emb and pooled_prompt_emb on `device`; `export(ema)` runs
+    every --export-every steps and at the end. The EMA is checkpointed with the run, so a
+    resumed run keeps it. Shared by the from-scratch DiT phase and --finetune-dit.
+    """
+    ema = copy.deepcopy(dit).requires_grad_(False).to(device)
+    denoiser = FluxDenoiser(dit, use_gradient_checkpointing=args.gradient_checkpointing)
+    objective = FlowMatchObjective(weighting="uniform")
+    cfg = TrainConfig(
+        output_dir=output_dir, steps=args.dit_steps, batch_size=args.dit_batch, grad_accum=args.grad_accum,
+        lr=args.dit_lr, warmup_steps=min(warmup_cap, args.dit_steps // 10), schedule="cosine", seed=args.seed,
+        checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time, log_every=log_every,
+    )
+    accelerator = make_accelerator(cfg, cpu=device == "cpu")
+    accelerator.register_for_checkpointing(ema)
+
+    def loss_fn(model, batch, generator):
+        return objective(model, batch["latents"].float(), batch["prompt_emb"].float(),
+                         batch["pooled_prompt_emb"].float(), generator)
+
+    def get_batch(idx):
+        ix = torch.tensor(idx, device=device)
+        return {k: v[ix] for k, v in data.items()}
+
+    fit = fit_steps_to_budget(cfg, args.dit_time, args.dit_steps)
+
+    def on_step(step, loss):
+        fit(step)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), dit.parameters(), strict=True):
+                e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        if args.export_every and step % args.export_every == 0:
+            export(ema)
+
+    res = train(denoiser, loss_fn, get_batch, len(data["latents"]), cfg, accelerator=accelerator, on_step=on_step)
+    export(ema)
+    return res
+
+
 def finetune_dit(args, device: str) -> dict:
     """Fine-tune the shipped DiT for a T5 that keeps word order (`attend_to_neighbours`).
 
@@ -406,54 +445,23 @@ def finetune_dit(args, device: str) -> dict:
     report = {"context_refit": refit_context_embedder(dit, old_emb, emb[:2000])}
     logger.info("context embedder refit: %s", report["context_refit"])
     on_dev = {"latents": latents.to(device), "prompt_emb": emb.to(device), "pooled_prompt_emb": pooled.to(device)}
+    states = load_asset_state_dicts(spec.weights_from) if args.export else None
 
-    ema = copy.deepcopy(dit).requires_grad_(False)
-    denoiser = FluxDenoiser(dit, use_gradient_checkpointing=args.gradient_checkpointing)
-    objective = FlowMatchObjective(weighting="uniform")
-    cfg = TrainConfig(
-        output_dir=os.path.join(args.work_dir, "dit_finetune"), steps=args.dit_steps, batch_size=args.dit_batch,
-        grad_accum=args.grad_accum, lr=args.dit_lr, warmup_steps=min(50, args.dit_steps // 10),
-        schedule="cosine", seed=args.seed, checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time,
-        log_every=25,
-    )
-    accelerator = make_accelerator(cfg, cpu=device == "cpu")
-    accelerator.register_for_checkpointing(ema)
-
-    def loss_fn(model, batch, generator):
-        return objective(model, batch["latents"].float(), batch["prompt_emb"].float(),
-                         batch["pooled_prompt_emb"].float(), generator)
-
-    def get_batch(idx):
-        ix = torch.tensor(idx, device=device)
-        return {k: v[ix] for k, v in on_dev.items()}
-
-    def export():
+    def export(ema):
         if not args.export:
             return
-        states = load_asset_state_dicts(spec.weights_from)
         states["dit"] = layout.dit_file_state_dict(ema)
         states["text_encoder_2"] = layout.t5_file_state_dict(pipe.text_encoder_2)
         export_model_files(states, asset_dir(spec.weights_from), args.export)
         logger.info("exported the fine-tuned model to %s", args.export)
 
-    fit = fit_steps_to_budget(cfg, args.dit_time, args.dit_steps)
-
-    def on_step(step, loss):
-        fit(step)
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), dit.parameters(), strict=True):
-                e.lerp_(p.detach(), 1 - decay)
-        if args.export_every and step % args.export_every == 0:
-            export()
-
     t0 = time.perf_counter()
-    res = train(denoiser, loss_fn, get_batch, len(latents), cfg, accelerator=accelerator, on_step=on_step)
+    res = train_dit_with_ema(args, dit, on_dev, os.path.join(args.work_dir, "dit_finetune"), device, warmup_cap=50,
+                             log_every=25, export=export)
     report["dit"] = {"steps": res.step, "seconds": round(time.perf_counter() - t0, 1),
                      "first_loss": float(np.mean(res.losses[:25])) if res.losses else None,
                      "final_loss": float(np.mean(res.losses[-25:])) if res.losses else None}
     logger.info("DiT fine-tune: %s", report["dit"])
-    export()
     return report
 
 
@@ -519,27 +527,8 @@ def main(argv=None) -> int:
     # 4. DiT
     torch.manual_seed(args.seed)
     dit = TinyFluxDiT(**spec.dit)
-    denoiser = FluxDenoiser(dit, use_gradient_checkpointing=args.gradient_checkpointing)
-    ema = copy.deepcopy(dit).requires_grad_(False).to(device)
-    objective = FlowMatchObjective(weighting="uniform")
-    dit_cfg = TrainConfig(
-        output_dir=os.path.join(args.work_dir, "dit"), steps=args.dit_steps, batch_size=args.dit_batch,
-        grad_accum=args.grad_accum, lr=args.dit_lr, warmup_steps=min(300, args.dit_steps // 10),
-        schedule="cosine", seed=args.seed, checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time,
-        log_every=200,
-    )
-    accelerator = make_accelerator(dit_cfg, cpu=cpu)
-    accelerator.register_for_checkpointing(ema)  # so a resumed run keeps its EMA
 
-    def loss_fn(model, batch, generator):
-        return objective(model, batch["latents"].float(), batch["prompt_emb"].float(),
-                         batch["pooled_prompt_emb"].float(), generator)
-
-    def get_batch(idx):
-        ix = torch.tensor(idx, device=device)
-        return {k: v[ix] for k, v in on_dev.items()}
-
-    def export():
+    def export(ema):
         if not args.export:
             return
         base = os.path.join(args.work_dir, "models", SPECS[args.base_model].model_id)
@@ -552,24 +541,13 @@ def main(argv=None) -> int:
         export_model_files(states, base, args.export)
         logger.info("exported the model to %s", args.export)
 
-    dit_fit = fit_steps_to_budget(dit_cfg, args.dit_time, args.dit_steps)
-
-    def on_step(step, loss):
-        dit_fit(step)
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), dit.parameters(), strict=True):
-                e.lerp_(p.detach().to(e.dtype), 1 - decay)
-        if args.export_every and step % args.export_every == 0:
-            export()
-
     t0 = time.perf_counter()
-    res = train(denoiser, loss_fn, get_batch, len(lat), dit_cfg, accelerator=accelerator, on_step=on_step)
+    res = train_dit_with_ema(args, dit, on_dev, os.path.join(args.work_dir, "dit"), device, warmup_cap=300,
+                             log_every=200, export=export)
     report["dit"] = {"steps": res.step, "seconds": round(time.perf_counter() - t0, 1),
                      "final_loss": float(np.mean(res.losses[-100:])) if res.losses else None,
                      "params_M": round(sum(p.numel() for p in dit.parameters()) / 1e6, 2)}
     logger.info("DiT: %s", report["dit"])
-    export()
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(args.work_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)

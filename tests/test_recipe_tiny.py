@@ -1,5 +1,6 @@
 """recipes/train_tiny.py's DiT fine-tune for the word-order-keeping T5: the least-squares
-refit of the text input layer, and a micro run end to end (exported files checked)."""
+refit of the text input layer, and micro runs end to end (exported files checked), of the
+fine-tune and of a from-scratch run, which trains and exports with the same T5."""
 
 import importlib.util
 import os
@@ -41,26 +42,46 @@ def test_refit_recovers_an_exact_linear_change():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_micro_finetune_dit_exports_the_neighbour_t5(tmp_path):
+def _micro_run(tmp_path, *flags) -> dict:
+    """Run the recipe with --micro and the given flags; the exported files by role."""
     env = {**os.environ, "ARTAUG_HOME": str(tmp_path / "home")}
     out = tmp_path / "export"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "train_tiny.py"), "--micro", "--finetune-dit", "--workers", "1",
+        [sys.executable, str(REPO / "recipes" / "train_tiny.py"), "--micro", *flags, "--workers", "1",
          "--work-dir", str(tmp_path / "work"), "--export", str(out)],
         capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shipped = {role: load_file(os.path.join(asset_dir("tiny"), rel)) for role, rel in WEIGHT_FILES.items()}
-    exported = {role: load_file(os.path.join(out, rel)) for role, rel in WEIGHT_FILES.items()}
-    for role in ("vae", "text_encoder"):  # kept as shipped, bit for bit
-        assert all(torch.equal(exported[role][k], shipped[role][k]) for k in shipped[role]), role
-    bias = exported["text_encoder_2"]["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    assert (out / "tokenizer_2" / "tokenizer.json").is_file()
+    return {role: load_file(os.path.join(out, rel)) for role, rel in WEIGHT_FILES.items()}
+
+
+def _assert_neighbour_bias(t5_file_state):
+    bias = t5_file_state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     expected = torch.zeros_like(bias)
     expected[1, 0] = expected[17, 1] = 8.0
     assert torch.equal(bias, expected)
+
+
+def test_micro_finetune_dit_exports_the_neighbour_t5(tmp_path):
+    exported = _micro_run(tmp_path, "--finetune-dit")
+    shipped = {role: load_file(os.path.join(asset_dir("tiny"), rel)) for role, rel in WEIGHT_FILES.items()}
+    for role in ("vae", "text_encoder"):  # kept as shipped, bit for bit
+        assert all(torch.equal(exported[role][k], shipped[role][k]) for k in shipped[role]), role
+    _assert_neighbour_bias(exported["text_encoder_2"])
     assert set(exported["dit"]) == set(shipped["dit"])
     assert all(v.dtype == torch.float16 for v in exported["dit"].values())
     changed = [k for k in shipped["dit"] if not torch.equal(exported["dit"][k], shipped["dit"][k])]
     # txt_in is FLUX.1-dev's name of the refitted context_embedder; most other tensors trained too
     assert "txt_in.weight" in changed and len(changed) > len(shipped["dit"]) // 2
-    assert (out / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+def test_micro_from_scratch_exports_the_t5_it_trained_with(tmp_path):
+    exported = _micro_run(tmp_path)
+    _assert_neighbour_bias(exported["text_encoder_2"])
+    # tiny-random's text encoders with that bias: bit for bit what ships.
+    shipped = {role: load_file(os.path.join(asset_dir("tiny"), WEIGHT_FILES[role]))
+               for role in ("text_encoder", "text_encoder_2")}
+    for role, state in shipped.items():
+        assert set(exported[role]) == set(state), role
+        assert all(torch.equal(exported[role][k], state[k]) for k in state), role
