@@ -1,13 +1,18 @@
 """artaug-ext: ArtAug (arXiv 2412.12888) for DiffSynth-Studio FLUX, with Triton kernels."""
 
 
+import re
+
 from setuptools import find_packages, setup
+
+# The one definition of the version is artaug_ext.__version__.
+version = re.search(r'^__version__ = "([^"]+)"', open("artaug_ext/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 triton_req = "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
 setup(
     name="artaug-ext",
-    version="0.1.0",
+    version=version,
     description="ArtAug synthesis-understanding interaction for FLUX.1 on DiffSynth-Studio, with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -24,6 +29,7 @@ setup(
         triton_req,
         "diffsynth==2.1.12",
         "modelscope",
+        "huggingface_hub",
         "transformers>=4.46",
         "tokenizers>=0.20",
         "peft",
@@ -32,7 +38,9 @@ setup(
         "accelerate",
         "tqdm",
         "numpy",
+        "scipy",
         "pillow",
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={"test": ["pytest>=7", "ruff"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},

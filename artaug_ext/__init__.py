@@ -1,29 +1,41 @@
-"""artaug-ext: ArtAug (arXiv 2412.12888) for DiffSynth-Studio FLUX, with fused Triton kernels."""
+"""artaug-ext: ArtAug (arXiv 2412.12888) for DiffSynth-Studio FLUX, with fused Triton kernels.
 
+`import artaug_ext` is cheap: it imports neither torch nor DiffSynth. The public API below
+loads its module on first use, and our models are registered into DiffSynth's registry when
+DiffSynth imports it (see `artaug_ext.diffsynth_hook`).
+"""
+
+import importlib
 import logging
 
-from .registry import register
+from . import diffsynth_hook
+from .errors import ArtaugError, FileFormatError, NonFiniteError, UsageError  # noqa: F401  (public)
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+diffsynth_hook.install()
 
-register()
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "register": "registry",
+    "load_pipeline": "pipeline", "generate": "pipeline",
+    "load_lora": "lora", "unload_lora": "lora", "load_artaug": "lora", "combine_loras": "lora",
+    "save_kohya": "lora", "LoRAReport": "lora", "LoRAFormatError": "lora",
+    "apply_kernels": "patch", "remove_kernels": "patch", "kernel_stats": "patch", "reset_kernel_stats": "patch",
+    "KernelPatchError": "patch",
+}
 
-from .lora import (  # noqa: E402
-    LoRAFormatError,
-    LoRAReport,
-    combine_loras,
-    load_artaug,
-    load_lora,
-    save_kohya,
-    unload_lora,
-)
-from .patch import KernelPatchError, apply_kernels, kernel_stats, remove_kernels, reset_kernel_stats  # noqa: E402
-from .pipeline import generate, load_pipeline  # noqa: E402
+__all__ = sorted([*_LAZY, "ArtaugError", "FileFormatError", "NonFiniteError", "UsageError", "__version__"])
 
-__all__ = [
-    "register", "load_pipeline", "generate", "load_lora", "unload_lora", "load_artaug", "combine_loras",
-    "save_kohya", "LoRAReport", "LoRAFormatError", "apply_kernels", "remove_kernels", "kernel_stats",
-    "reset_kernel_stats", "KernelPatchError", "__version__",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

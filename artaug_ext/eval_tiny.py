@@ -8,7 +8,6 @@ and with `bright` light and counts how often the bright one is brighter.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -100,50 +99,3 @@ def save_grid(images_and_captions, path: str, columns: int = 4, cell: int = 192)
     tmp = path + ".tmp.png"
     grid.save(tmp)
     os.replace(tmp, path)
-
-
-def add_eval_tiny_parser(sub) -> None:
-    """Add the `eval-tiny` subcommand to the `artaug` CLI's subparsers."""
-    from .interact.cli import positive_int
-
-    p = sub.add_parser("eval-tiny", help="caption fidelity of the tiny model on held-out prompts")
-    p.add_argument("--model", default="tiny", help="tiny model to evaluate (default tiny)")
-    p.add_argument("--model-dir", default=None, help="model root (default: ARTAUG_HOME or ~/.cache/artaug)")
-    p.add_argument("-n", "--prompts", type=positive_int, default=64, help="held-out prompts (default 64)")
-    p.add_argument("--lighting-pairs", type=positive_int, default=32, help="dim/bright prompt pairs (default 32)")
-    p.add_argument("--size", type=int, default=None, help="image size (default: the model's, 256)")
-    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--grid", default=None, help="also save a grid of the first 12 images with captions (PNG)")
-
-
-def cmd_eval_tiny(args) -> int:
-    from .pipeline import load_pipeline
-
-    pipe = load_pipeline(args.model, model_dir=args.model_dir, device=args.device)
-    result = evaluate(pipe, n_prompts=args.prompts, n_lighting=args.lighting_pairs, size=args.size,
-                      steps=args.steps, seed=args.seed, keep_images=12 if args.grid else 0)
-    images = result.pop("_images", None)
-    if args.grid and images:
-        save_grid(images, args.grid)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    print(format_report(result))
-    return 0
-
-
-def main(argv=None) -> int:
-    """`python -m artaug_ext.eval_tiny ...`: the same as `artaug eval-tiny ...`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="artaug")
-    add_eval_tiny_parser(parser.add_subparsers(dest="command", required=True))
-    logging.basicConfig(level=logging.WARNING)
-    return cmd_eval_tiny(parser.parse_args(["eval-tiny", *(argv if argv is not None else __import__("sys").argv[1:])]))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

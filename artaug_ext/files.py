@@ -1,8 +1,20 @@
-"""Small file helpers shared across the library (floor 1: imports nothing of ours)."""
+"""File helpers shared across the library (floor 1: imports nothing of ours but errors).
+
+Long runs write every file atomically (a temporary file, fsync, rename), append JSONL
+records with one write each, and lock their folder, so a run killed at any point loses
+nothing and a second process on the same folder is refused instead of corrupting it.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+
+from .errors import FileFormatError, RunLockedError
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path: str) -> str:
@@ -12,3 +24,202 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def atomic_write_bytes(path: str, data: bytes, shared: bool = False) -> None:
+    """Write `data` to `path` so that `path` is either absent/old or complete, never partial.
+
+    `shared`: other processes may write the same path at the same time (a run's settings when
+    ranks start together, a merged manifest, a hash cache), so the temporary file is per
+    process; otherwise two writers share one temporary file and the second rename fails."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
+    """Write tensors as safetensors atomically (a per-process temporary file, then a rename);
+    metadata values that are not strings are stored as JSON."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta or None)
+    os.replace(tmp, path)
+    return path
+
+
+def json_line(record: dict) -> bytes:
+    """One JSONL record, keys sorted, so equal records are equal bytes."""
+    return (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: str, obj, shared: bool = False) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n",
+                       shared=shared)
+
+
+def append_line(path: str, record: dict) -> None:
+    """Append one JSONL record with one write and fsync it (a torn last line, from a kill
+    inside the write, is repaired by `read_jsonl(repair=True)`)."""
+    with open(path, "ab") as f:
+        f.write(json_line(record))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str, repair: bool = False, what: str = "manifest") -> list[dict]:
+    """Records of a JSONL file. A torn LAST line (no newline: a killed append) is ignored, or
+    cut off if `repair`; a corrupt line anywhere else raises naming the file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - end)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    records = []
+    for n, line in enumerate(data[:end].split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON record ({e})",
+                                  "delete that line (its item is redone on the next run) or restore the file") from None
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON object",
+                                  "delete that line (its item is redone on the next run)")
+        records.append(record)
+    return records
+
+
+def read_text_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 raise naming the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    out = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise FileFormatError(f"{path}:{n}", f"this {what} is not UTF-8 text (byte {e.start} of line {n})",
+                                  "save it as UTF-8") from None
+    return out
+
+
+# Bytes per element of each safetensors dtype.
+_ST_DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                  "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_ST_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors format itself sets
+
+
+def check_safetensors(path: str, fix: str = "download or export the file again") -> dict:
+    """The header of a safetensors file, after checking it against the file: a readable JSON
+    header, and every tensor's dtype, shape and byte range inside the data, with no gap or
+    overlap and nothing after the last tensor. Reads the header only (no hashing of GB files).
+    Raises FileFormatError naming the file, what is wrong and `fix`."""
+    size = os.path.getsize(path)
+
+    def bad(problem: str):
+        return FileFormatError(path, problem, fix)
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"not a safetensors file: {size} bytes, too short for a header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _ST_MAX_HEADER:
+            raise bad(f"not a safetensors file, or truncated: its header length {n} exceeds the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"not a safetensors file: unreadable header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("not a safetensors file: its header is not a JSON object")
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = 1
+            for d in shape:
+                count *= int(d)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {key!r} has no valid dtype, shape or data_offsets") from None
+        if dtype not in _ST_DTYPE_SIZE:
+            raise bad(f"tensor {key!r} has an unknown dtype {dtype!r}")
+        if not 0 <= begin <= end or end - begin != count * _ST_DTYPE_SIZE[dtype]:
+            raise bad(f"tensor {key!r}: bytes {begin}..{end} do not hold a {dtype} tensor of shape {shape}")
+        ranges.append((begin, end, key))
+    ranges.sort()
+    cursor = 0
+    for begin, end, key in ranges:
+        if begin != cursor:
+            raise bad(f"tensor {key!r} starts at byte {begin}, not where the previous one ends ({cursor})")
+        cursor = end
+    if 8 + n + cursor != size:
+        what = "truncated" if 8 + n + cursor > size else "has bytes after the last tensor"
+        raise bad(f"{what}: {size} bytes, but the header describes {8 + n + cursor}")
+    return header
+
+
+class FolderLock:
+    """An exclusive OS lock on `{folder}/{name}`, held while a run writes the folder.
+
+    The OS releases it when the process dies (even on kill -9), so a stale lock never blocks a
+    resume; a live holder is named in the error (its pid is written into the lock file)."""
+
+    def __init__(self, folder: str, name: str = ".artaug.lock", what: str = "run folder"):
+        self.path = os.path.join(folder, name)
+        self.folder, self.what = folder, what
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> FolderLock:
+        """Take the lock; `wait`: block until a live holder releases it, else refuse at once."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, say so once
+            logger.warning("no file locking on this platform: do not run two processes on %s", self.folder)
+            return self
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(f"{self.what} {self.folder} is in use by process {holder}; wait for it to finish "
+                                 "(or stop it), or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

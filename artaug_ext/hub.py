@@ -24,15 +24,17 @@ import json
 import logging
 import os
 import socket
-import struct
 import threading
-from dataclasses import dataclass, field
 from urllib.parse import urlparse
+
+from .cards import ModelCard, card, hub_lookup, known_names
+from .errors import ArtaugError, FileFormatError
+from .files import check_safetensors as validate_safetensors
 
 logger = logging.getLogger(__name__)
 
 
-class HubError(RuntimeError):
+class HubError(ArtaugError, RuntimeError):
     """Base class of the hub layer's errors."""
 
 
@@ -55,61 +57,6 @@ class CorruptModelFileError(HubError):
         self.path, self.problem = path, problem
         fix = f"delete it and run `artaug download {model_id}`" if model_id else "delete it and download it again"
         super().__init__(f"corrupt model file {path}: {problem}. Fix: {fix}.")
-
-
-@dataclass(frozen=True)
-class CatalogueEntry:
-    """A model we know by name: its ids on both hubs and the files each role needs."""
-
-    modelscope_id: str
-    huggingface_id: str
-    files: dict[str, str] = field(default_factory=dict)  # role -> file pattern ("dir/" = folder)
-    description: str = ""
-
-
-CATALOGUE: dict[str, CatalogueEntry] = {
-    "flux-dev": CatalogueEntry(
-        modelscope_id="black-forest-labs/FLUX.1-dev",
-        huggingface_id="black-forest-labs/FLUX.1-dev",
-        files={
-            "dit": "flux1-dev.safetensors",
-            "vae": "ae.safetensors",
-            "text_encoder": "text_encoder/model.safetensors",
-            "text_encoder_2": "text_encoder_2/*.safetensors",
-            "tokenizer": "tokenizer/",
-            "tokenizer_2": "tokenizer_2/",
-        },
-        description="FLUX.1-dev base model (DiT, VAE, CLIP and T5 encoders, tokenizers)",
-    ),
-    "artaug": CatalogueEntry(
-        modelscope_id="DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
-        huggingface_id="ECNU-CILab/ArtAug-lora-FLUX.1dev-v1",
-        files={"lora": "merged_lora.safetensors"},
-        description="The released ArtAug LoRA for FLUX.1-dev (universal FLUX LoRA keys, alpha 1.0)",
-    ),
-    "artaug-kontext": CatalogueEntry(
-        modelscope_id="DiffSynth-Studio/FLUX.1-Kontext-dev-lora-ArtAug",
-        huggingface_id="DiffSynth-Studio/FLUX.1-Kontext-dev-lora-ArtAug",
-        files={"lora": "*.safetensors"},
-        description="ArtAug LoRA for FLUX.1-Kontext-dev",
-    ),
-    "image-metrics": CatalogueEntry(
-        modelscope_id="DiffSynth-Studio/ImageMetrics",
-        huggingface_id="DiffSynth-Studio/ImageMetrics",
-        files={},
-        description="DiffSynth's image-quality metric weights (aesthetic, PickScore, CLIP, HPS, ImageReward)",
-    ),
-}
-
-
-def catalogue_lookup(name_or_id: str) -> tuple[str, CatalogueEntry] | None:
-    """Find a catalogue entry by its short name or by either hub's model id."""
-    if name_or_id in CATALOGUE:
-        return name_or_id, CATALOGUE[name_or_id]
-    for key, entry in CATALOGUE.items():
-        if name_or_id in (entry.modelscope_id, entry.huggingface_id):
-            return key, entry
-    return None
 
 
 def model_root(model_dir: str | None = None) -> str:
@@ -144,33 +91,13 @@ def modelscope_cache_dirs(model_id: str) -> list[str]:
 # ---------------------------------------------------------------------------- integrity
 
 def check_safetensors(path: str, model_id: str | None = None) -> None:
-    """Raise CorruptModelFileError unless `path` has a readable header and the size it declares."""
-    size = os.path.getsize(path)
+    """Raise CorruptModelFileError unless `path` is a complete safetensors file (header and
+    every tensor's byte range checked against the file size; no hashing)."""
+    fix = f"delete it and run `artaug download {model_id}`" if model_id else "delete it and download it again"
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptModelFileError(path, f"file is {size} bytes, too short for a safetensors header", model_id)
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 1024 * 1024:
-                raise CorruptModelFileError(path, f"header length {n} exceeds the file ({size} bytes)", model_id)
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptModelFileError(path, f"unreadable header ({e})", model_id) from None
-    if not isinstance(header, dict):
-        raise CorruptModelFileError(path, "header is not a JSON object", model_id)
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise CorruptModelFileError(path, f"tensor {key!r} has no valid data_offsets", model_id) from None
-    if 8 + n + end != size:
-        raise CorruptModelFileError(
-            path, f"size {size} bytes but the header describes {8 + n + end} (truncated download?)", model_id
-        )
+        validate_safetensors(path, fix)
+    except FileFormatError as e:
+        raise CorruptModelFileError(path, e.problem, model_id) from None
 
 
 def _check_files(paths: list[str], model_id: str) -> None:
@@ -212,6 +139,17 @@ def find_local(model_id: str, patterns: list[str], root: str) -> dict[str, list[
         if all(found.values()):
             return found
     return None
+
+
+def find_files(model_id: str, patterns: list[str], model_dir: str | None = None) -> dict[str, list[str]] | None:
+    """The files of `model_id` already on this machine (no network): under the model root (or
+    ModelScope's cache), or, for an explicit `model_dir`, directly in it. None if any is missing."""
+    root = model_root(model_dir)
+    found = find_local(model_id, patterns, root)
+    if found is None and model_dir is not None:
+        direct = {p: _match(root, p) for p in patterns}
+        found = direct if all(direct.values()) else None
+    return found
 
 
 # ---------------------------------------------------------------------------- download
@@ -278,10 +216,7 @@ def resolve(
     in `model_dir`); downloads go there too.
     """
     root = model_root(model_dir)
-    found = find_local(model_id, patterns, root)
-    if found is None and model_dir is not None:
-        direct = {p: _match(root, p) for p in patterns}
-        found = direct if all(direct.values()) else None
+    found = find_files(model_id, patterns, model_dir)
     if found is None:
         missing = [p for p in patterns if not _match(os.path.join(root, model_id), p)]
         if local_files_only or _offline():
@@ -289,9 +224,9 @@ def resolve(
         host = _endpoint_host(download_source())
         if not reachable(host):
             raise MissingModelError(model_id, missing, root, f"cannot reach {host}: offline or blocked")
-        entry = catalogue_lookup(model_id)
+        entry = hub_lookup(model_id)
         try:
-            _download(model_id, patterns, root, revision, entry[1].huggingface_id if entry else None)
+            _download(model_id, patterns, root, revision, entry.huggingface_id if entry else None)
         except HubError:
             raise
         except Exception as e:  # hub clients raise many types; keep the message and the fix together
@@ -309,13 +244,12 @@ def resolve(
     return found
 
 
-def resolve_model_files(key: str, model_dir: str | None = None, *, revision: str | None = None,
+def resolve_model_files(name: str | ModelCard, model_dir: str | None = None, *, revision: str | None = None,
                         local_files_only: bool = False) -> dict[str, list[str]]:
-    """{role: local paths} for a catalogue entry (`flux-dev`, `artaug`, `artaug-kontext`, ...)."""
-    found_entry = catalogue_lookup(key)
-    if found_entry is None:
-        raise KeyError(f"unknown model {key!r}; known: {', '.join(sorted(CATALOGUE))}")
-    entry = found_entry[1]
+    """{role: local paths} for a model card (`flux-dev`, `artaug`, `artaug-kontext`, ...)."""
+    entry = name if isinstance(name, ModelCard) else card(name)
+    if not entry.modelscope_id:
+        raise HubError(f"model {entry.name!r} is embedded in artaug-ext and has nothing to download")
     patterns = list(entry.files.values()) or ["./"]
     found = resolve(entry.modelscope_id, patterns, revision=revision, model_dir=model_dir,
                     local_files_only=local_files_only)
@@ -326,8 +260,13 @@ def resolve_model_files(key: str, model_dir: str | None = None, *, revision: str
 
 def download(name_or_id: str, files: list[str] | None = None, *, model_dir: str | None = None,
              revision: str | None = None) -> dict[str, list[str]]:
-    """Prefetch a catalogue model or any model id (optionally only some file patterns)."""
-    entry = catalogue_lookup(name_or_id)
-    model_id = entry[1].modelscope_id if entry else name_or_id
-    patterns = files or (list(entry[1].files.values()) if entry and entry[1].files else ["./"])
+    """Prefetch a model by card name or any hub model id `owner/name` (optionally only some file patterns)."""
+    entry = hub_lookup(name_or_id)
+    if entry is None and "/" not in name_or_id:
+        downloadable = [n for n in known_names() if hub_lookup(n).modelscope_id]
+        raise HubError(f"unknown model {name_or_id!r}: give a hub id (owner/name) or one of {', '.join(downloadable)}")
+    if entry is not None and not entry.modelscope_id:
+        raise HubError(f"model {entry.name!r} is embedded in artaug-ext and has nothing to download")
+    model_id = entry.modelscope_id if entry else name_or_id
+    patterns = files or (list(entry.files.values()) if entry and entry.files else ["./"])
     return resolve(model_id, patterns, model_dir=model_dir, revision=revision)

@@ -23,6 +23,8 @@ import types
 
 import torch
 
+from .errors import ArtaugError
+
 logger = logging.getLogger(__name__)
 
 # sha256 (first 16 hex digits) of inspect.getsource of what the replacements re-implement,
@@ -44,7 +46,7 @@ _fallbacks: collections.Counter = collections.Counter()
 _launch_base = 0
 
 
-class KernelPatchError(RuntimeError):
+class KernelPatchError(ArtaugError, RuntimeError):
     """The installed DiffSynth differs from what the kernel patch was written against."""
 
 

@@ -10,26 +10,22 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 
 import torch
 
+from .cards import base_models, card
+from .errors import NonFiniteError, UsageError
 from .hub import model_root, resolve_model_files
 from .registry import register
 from .tiny.build import ensure_tiny_model, model_file_paths
-from .tiny.spec import ALIASES, SPECS, get_spec
+from .tiny.spec import get_spec
 
 logger = logging.getLogger(__name__)
 
 # The tokenizers are used once per prompt; their thread pool only warns after a fork (DataLoader, accelerate).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REAL_MODELS = {"flux-dev"}
-
-
-def known_models() -> list[str]:
-    return sorted(set(SPECS) | set(ALIASES) | REAL_MODELS)
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,16 +49,17 @@ def _diffsynth_prints_to_log():
 
 def model_paths(model: str, model_dir: str | None = None) -> dict[str, str | list[str]]:
     """{role: path(s)} of a known model: dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
-    if _is_tiny(model):
+    c = card(model)
+    if c.kind != "base":
+        raise UsageError(f"{model!r} is a {c.kind}, not a base model; base models: {', '.join(base_models())}")
+    if c.is_tiny:
         folder = ensure_tiny_model(get_spec(model), model_root(model_dir))
         return model_file_paths(folder)
-    if model == "flux-dev":
-        files = resolve_model_files("flux-dev", model_dir)
-        out: dict[str, str | list[str]] = {}
-        for role, paths in files.items():
-            out[role] = paths if role == "text_encoder_2" and len(paths) > 1 else paths[0]
-        return out
-    raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(known_models())}")
+    files = resolve_model_files(c, model_dir)
+    out: dict[str, str | list[str]] = {}
+    for role, paths in files.items():
+        out[role] = paths if role == "text_encoder_2" and len(paths) > 1 else paths[0]
+    return out
 
 
 def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: str | None = None,
@@ -86,7 +83,7 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
         )
     missing = [n for n in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder") if getattr(pipe, n) is None]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{model}: DiffSynth recognised no model in the files for {missing} ({paths}); the files are "
             f"incomplete or of another model. Fix: delete them and run `artaug download {model}`, or point "
             "--model-dir at a complete copy."
@@ -96,46 +93,209 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
     return pipe
 
 
-# FLUX.1-dev defaults of the ArtAug authors; the tiny models carry theirs in their spec.
-FLUX_DEFAULTS = {"t5_sequence_length": 512, "default_steps": 30, "default_size": 1024}
-
-
-def _is_tiny(model: str) -> bool:
-    return model in SPECS or model in ALIASES
-
-
-def _model_default(model: str, name: str) -> int:
-    return getattr(get_spec(model), name) if _is_tiny(model) else FLUX_DEFAULTS[name]
-
-
 def t5_sequence_length(model: str) -> int:
-    return _model_default(model, "t5_sequence_length")
+    return card(model).defaults.t5_sequence_length
 
 
 def default_steps(model: str) -> int:
-    return _model_default(model, "default_steps")
+    return card(model).defaults.steps
 
 
 def default_size(model: str) -> int:
-    return _model_default(model, "default_size")
+    return card(model).defaults.size
+
+
+def check_generation_args(prompt: str, *, steps: int, height: int, width: int, embedded_guidance: float) -> None:
+    """Refuse what DiffSynth would silently turn into something else: sizes it rounds to a
+    multiple of 16, no steps (an image of pure noise), non-finite guidance (an all-zero image)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("the prompt is empty: give the text to draw")
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise UsageError(f"{name}={value!r} is not a positive multiple of 16 (FLUX works on 16-pixel patches; "
+                             f"DiffSynth would round it to {max(16, (int(value) // 16) * 16) if isinstance(value, int) else '?'})")
+    if not isinstance(steps, int) or steps <= 0:
+        raise UsageError(f"steps={steps!r} must be a positive integer")
+    if not math.isfinite(float(embedded_guidance)):
+        raise UsageError(f"embedded_guidance={embedded_guidance!r} is not a finite number")
+
+
+def warn_if_truncated(pipe, prompt: str, t5_length: int) -> None:
+    """FLUX's T5 reads at most `t5_length` tokens (CLIP 77); say so instead of cutting silently."""
+    tokenizer = getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None:
+        return
+    n = len(tokenizer(prompt, truncation=False).input_ids)
+    if n > t5_length:
+        logger.warning("the prompt has %d T5 tokens; FLUX reads only the first %d (the rest is ignored; CLIP reads 77)",
+                       n, t5_length)
+
+
+@contextlib.contextmanager
+def non_finite_guard(pipe, what: str = "generation"):
+    """Within the block, a pipeline call whose latents or decoded image become NaN/Inf raises
+    NonFiniteError naming the step and the likely causes, instead of returning a black image.
+
+    It shadows two of the pipeline's methods on the instance (`step`, called after every
+    denoising step, and `vae_output_to_image`) and removes the shadows on exit."""
+    steps_seen = [0]
+    original_step, original_to_image = pipe.step, pipe.vae_output_to_image
+
+    def loras() -> str:
+        from .lora import loaded_loras
+
+        names = [os.path.basename(h.name) for h in loaded_loras(pipe)]
+        return f"LoRAs merged: {', '.join(names)}" if names else "no LoRA merged"
+
+    def checked_step(*args, **kwargs):
+        latents = original_step(*args, **kwargs)
+        steps_seen[0] += 1
+        if torch.is_tensor(latents) and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteError(
+                f"{what}: the latents became NaN or Inf at denoising step {steps_seen[0]} ({loras()}, dtype "
+                f"{pipe.torch_dtype}). Likely causes: a LoRA merged at too high a strength, a non-finite "
+                "argument, or fp16 overflow (use bf16 or fp32). No image was written")
+        return latents
+
+    def checked_to_image(vae_output, *args, **kwargs):
+        if torch.is_tensor(vae_output) and not bool(torch.isfinite(vae_output).all()):
+            raise NonFiniteError(
+                f"{what}: the VAE decoder returned NaN or Inf from finite latents ({loras()}, dtype "
+                f"{pipe.torch_dtype}). Likely cause: fp16 overflow in the VAE (use bf16 or fp32). No image was written")
+        return original_to_image(vae_output, *args, **kwargs)
+
+    shadowed = {k: pipe.__dict__[k] for k in ("step", "vae_output_to_image") if k in pipe.__dict__}
+    pipe.step, pipe.vae_output_to_image = checked_step, checked_to_image
+    try:
+        yield
+    finally:
+        for k in ("step", "vae_output_to_image"):  # what was there before: the class's methods or an outer guard
+            pipe.__dict__.pop(k, None)
+            if k in shadowed:
+                pipe.__dict__[k] = shadowed[k]
 
 
 def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, height: int | None = None,
              width: int | None = None, embedded_guidance: float = 3.5, progress: bool = True):
-    """One image from `pipe` with the model's defaults (what `artaug generate` runs)."""
+    """One image from `pipe` with the model's defaults (what `artaug generate` runs).
+
+    Bad arguments raise UsageError before any work; a non-finite result raises NonFiniteError."""
     from tqdm import tqdm
 
     model = getattr(pipe, "artaug_model_name", "flux-dev")
     size = default_size(model)
-    with _diffsynth_prints_to_log() if not progress else contextlib.nullcontext():
+    steps = default_steps(model) if steps is None else steps
+    height = size if height is None else height
+    width = size if width is None else width
+    check_generation_args(prompt, steps=steps, height=height, width=width, embedded_guidance=embedded_guidance)
+    t5_length = t5_sequence_length(model)
+    warn_if_truncated(pipe, prompt, t5_length)
+    with _diffsynth_prints_to_log() if not progress else contextlib.nullcontext(), non_finite_guard(pipe):
         return pipe(
             prompt=prompt,
             seed=seed,
-            num_inference_steps=steps or default_steps(model),
-            height=height or size,
-            width=width or size,
+            num_inference_steps=steps,
+            height=height,
+            width=width,
             embedded_guidance=embedded_guidance,
-            t5_sequence_length=t5_sequence_length(model),
+            t5_sequence_length=t5_length,
             progress_bar_cmd=tqdm if progress else (lambda x: x),
         )
 
+
+def save_image(image, path: str) -> None:
+    """Write an image atomically (a temporary file in the same folder, then a rename); the
+    extension picks the format, PNG when there is none."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{ext or '.png'}"
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _call_inputs(pipe, **values) -> tuple[dict, dict, dict]:
+    """(shared, positive, negative) inputs as `FluxImagePipeline.__call__` builds them: every
+    parameter of its signature at its default, `values` on top."""
+    import inspect
+
+    params = {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items() if k != "self"}
+    unknown = set(values) - set(params)
+    if unknown:
+        raise TypeError(f"FluxImagePipeline.__call__ has no parameter {sorted(unknown)}")
+    params.update(values)
+    posi = {"prompt": params.pop("prompt")}
+    nega = {"negative_prompt": params.pop("negative_prompt")}
+    return params, posi, nega
+
+
+def _stack(dicts: list[dict], what: str) -> dict:
+    """One input dict for a batch: tensors of batch 1 concatenated, other values shared (they must agree)."""
+    out = {}
+    for key in dicts[0]:
+        values = [d[key] for d in dicts]
+        if all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 1 for v in values):
+            if len({tuple(v.shape) for v in values}) != 1:
+                raise UsageError(f"batched generation: {what} input {key!r} differs in shape within the batch")
+            out[key] = torch.cat(values)
+        elif all(v is values[0] for v in values) or all(not torch.is_tensor(v) and v == values[0] for v in values):
+            out[key] = values[0]
+        else:
+            raise UsageError(f"batched generation: {what} input {key!r} differs within the batch")
+    return out
+
+
+def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = None, height: int | None = None,
+                   width: int | None = None, embedded_guidance: float = 3.5) -> list:
+    """Images for several (prompt, seed) pairs, denoised as ONE batch through the DiT.
+
+    Each image's inputs are prepared by DiffSynth's own pipeline units (noise from its seed,
+    prompt embeddings, image ids, guidance), exactly as `pipe(prompt=..., seed=...)` prepares
+    them; the denoising loop then calls DiffSynth's `model_fn` and scheduler step once per step
+    for the whole batch, and each latent is decoded on its own. On a GPU this runs the DiT at
+    batch N instead of N times at batch 1. Text-to-image only (no ControlNet, IP-Adapter...)."""
+    if len(prompts) != len(seeds) or not prompts:
+        raise UsageError(f"generate_batch: {len(prompts)} prompts and {len(seeds)} seeds")
+    model = getattr(pipe, "artaug_model_name", "flux-dev")
+    steps = default_steps(model) if steps is None else steps
+    height = default_size(model) if height is None else height
+    width = default_size(model) if width is None else width
+    for p in prompts:
+        check_generation_args(p, steps=steps, height=height, width=width, embedded_guidance=embedded_guidance)
+    t5_length = t5_sequence_length(model)
+    pipe.scheduler.set_timesteps(steps, denoising_strength=1.0, shift=None)
+    shared_list, posi_list = [], []
+
+    def no_bar(x):
+        return x
+
+    with torch.no_grad(), _diffsynth_prints_to_log():
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            warn_if_truncated(pipe, prompt, t5_length)
+            shared, posi, nega = _call_inputs(pipe, prompt=prompt, seed=seed, num_inference_steps=steps, height=height,
+                                              width=width, embedded_guidance=embedded_guidance,
+                                              t5_sequence_length=t5_length, progress_bar_cmd=no_bar)
+            for unit in pipe.units:
+                shared, posi, nega = pipe.unit_runner(unit, pipe, shared, posi, nega)
+            shared_list.append(shared)
+            posi_list.append({k: v for k, v in posi.items() if k != "prompt"})  # the text is in the embeddings
+        shared = _stack([{k: v for k, v in s.items() if k != "seed"} for s in shared_list], "shared")
+        posi = _stack(posi_list, "prompt")
+        pipe.load_models_to_device(pipe.in_iteration_models)
+        models = {name: getattr(pipe, name) for name in pipe.in_iteration_models}
+        n = len(prompts)
+        with non_finite_guard(pipe, f"batched generation of {n} images"):
+            for progress_id, timestep in enumerate(pipe.scheduler.timesteps):
+                t = timestep.unsqueeze(0).to(dtype=pipe.torch_dtype, device=pipe.device).expand(n)
+                noise_pred = pipe.cfg_guided_model_fn(pipe.model_fn, 1.0, shared, posi, {}, **models, timestep=t,
+                                                      progress_id=progress_id)
+                shared["latents"] = pipe.step(pipe.scheduler, progress_id=progress_id, noise_pred=noise_pred, **shared)
+            pipe.load_models_to_device(["vae_decoder"])
+            images = []
+            for i in range(n):
+                decoded = pipe.vae_decoder(shared["latents"][i:i + 1], device=pipe.device, tiled=False)
+                images.append(pipe.vae_output_to_image(decoded))
+        pipe.load_models_to_device([])
+    return images

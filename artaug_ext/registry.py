@@ -10,10 +10,9 @@ needs a `model_hash` because the loader reads it from every entry.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 
-import diffsynth.configs
-import diffsynth.configs.vram_management_module_maps as vram_maps
 from diffsynth.core.loader.file import convert_keys_dict_to_single_str
 
 logger = logging.getLogger(__name__)
@@ -55,29 +54,43 @@ def tiny_model_entries(spec) -> list[dict]:
     ]
 
 
+def _registry():
+    """DiffSynth's registry module. Through sys.modules, not `diffsynth.configs`: registration
+    also runs from the import hook while `diffsynth.configs` is being imported, before the
+    package attribute is bound."""
+    return importlib.import_module("diffsynth.configs.model_configs")
+
+
 def our_entries() -> list[dict]:
-    return [e for e in diffsynth.configs.MODEL_CONFIGS if e.get(_MARK)]
+    return [e for e in _registry().MODEL_CONFIGS if e.get(_MARK)]
+
+
+def all_entries() -> list[dict]:
+    """Every entry we register: the tiny FLUX models' and the tiny metric checkpoints' (the
+    latter let the tests load diffsynth.metrics offline), each marked with `_artaug_ext`."""
+    from .tiny.metrics import metric_model_entries
+    from .tiny.spec import SPECS
+
+    entries = [dict(e, **{_MARK: spec.name}) for spec in SPECS.values() for e in tiny_model_entries(spec)]
+    return entries + metric_model_entries()
 
 
 def register() -> int:
-    """Append our entries to DiffSynth's registry (idempotent); return how many were added."""
-    from .tiny.spec import SPECS
-
-    configs = diffsynth.configs.MODEL_CONFIGS
+    """Append our entries to DiffSynth's registry in place (idempotent); return how many were added."""
+    configs = _registry().MODEL_CONFIGS
     present = {(e["model_hash"], e["model_name"]) for e in configs}
     added = 0
-    for spec in SPECS.values():
-        for entry in tiny_model_entries(spec):
-            if (entry["model_hash"], entry["model_name"]) in present:
-                continue
-            entry[_MARK] = spec.name
-            configs.append(entry)  # in place: the loader holds this very list
-            present.add((entry["model_hash"], entry["model_name"]))
-            added += 1
-    module_maps = vram_maps.VRAM_MANAGEMENT_MODULE_MAPS
+    for entry in all_entries():
+        key = (entry["model_hash"], entry["model_name"])
+        if key in present:
+            continue
+        configs.append(entry)  # in place: the loader holds this very list
+        present.add(key)
+        added += 1
+    module_maps = importlib.import_module("diffsynth.configs.vram_management_module_maps").VRAM_MANAGEMENT_MODULE_MAPS
     for ours, theirs in _FLUX_VRAM_MAPS.items():
         if ours not in module_maps and theirs in module_maps:
             module_maps[ours] = module_maps[theirs]
     if added:
-        logger.debug("registered %d tiny-model entries into diffsynth.configs.MODEL_CONFIGS", added)
+        logger.debug("registered %d entries into diffsynth.configs.MODEL_CONFIGS", added)
     return added

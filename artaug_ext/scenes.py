@@ -26,22 +26,17 @@ training (`is_held_out`) so `artaug eval-tiny` can test generalisation to unseen
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-# sRGB in [0, 1]; chosen far apart in hue so both the model and the analyser can tell them apart.
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "red": (0.86, 0.10, 0.10),
-    "green": (0.12, 0.66, 0.18),
-    "blue": (0.12, 0.28, 0.90),
-    "yellow": (0.96, 0.86, 0.10),
-    "white": (0.96, 0.96, 0.96),
-    "black": (0.04, 0.04, 0.04),
-    "orange": (0.98, 0.52, 0.06),
-    "purple": (0.56, 0.14, 0.72),
-}
+from .colours import COLOURS as COLOUR_TABLE
+from .colours import SCENE_COLOURS
+
+# The colours scenes draw (sRGB in [0, 1]): the scene part of the one colour table.
+PALETTE: dict[str, tuple[float, float, float]] = {name: COLOUR_TABLE[name] for name in SCENE_COLOURS}
 COLOURS = list(PALETTE)
 SHAPES = ["circle", "square", "triangle", "star"]
 # Half-extent of the shape as a fraction of the image side.
@@ -107,6 +102,35 @@ def describe(scene: Scene) -> str:
     if scene.say_lighting:
         text += f", {LIGHTING_PHRASES[scene.lighting]}"
     return text
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption of the grammar describes (the inverse of `describe`), or None for
+    text outside the grammar; the caption analyser scores images against it."""
+    words = {"colour": "|".join(COLOURS), "shape": "|".join(SHAPES),
+             "position": "|".join(re.escape(p) for p in POSITION_PHRASES.values())}
+    obj = re.compile(rf"an? (?:(?P<size>small|large) )?(?P<colour>{words['colour']}) (?P<shape>{words['shape']}) "
+                     rf"(?P<position>{words['position']})")
+    lights = {phrase: name for name, phrase in LIGHTING_PHRASES.items()}
+    m = re.fullmatch(rf"(?P<objects>.+) on an? (?P<style>dark |light )?(?P<bg>{words['colour']})(?P<gradient> gradient)? "
+                     rf"background(?:, (?P<light>{'|'.join(map(re.escape, lights))}))?", text.strip())
+    if m is None:
+        return None
+    parts = re.split(r", | and ", m.group("objects"))
+    positions = {v: k for k, v in POSITION_PHRASES.items()}
+    objects = []
+    for part in parts:
+        o = obj.fullmatch(part)
+        if o is None:
+            return None
+        objects.append(ShapeSpec(o.group("colour"), o.group("shape"), positions[o.group("position")],
+                                 o.group("size") or "medium"))
+    style = "gradient" if m.group("gradient") else (m.group("style") or "plain ").strip()
+    light = m.group("light")
+    scene = Scene(objects=objects, background=m.group("bg"), background_style=style,
+                  lighting=lights[light] if light else "normal", say_lighting=light is not None)
+    scene.caption = describe(scene)
+    return scene
 
 
 def is_held_out(colour: str, shape: str, position: str, background: str) -> bool:

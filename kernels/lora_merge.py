@@ -8,10 +8,17 @@ Three back ends share one formula:
 
 - CUDA tensors: a Triton kernel, autotuned for H100, registered as a torch.library op.
 - CPU tensors with `TRITON_INTERPRET=1` (how tests exercise the kernel): the same kernel
-  in the interpreter, with its bf16 bugs worked around (DESIGN.md section 4): bf16 is
-  upcast right after loading and rounded to bf16 with integer ops on the fp32 bits.
+  in the interpreter, with its bf16 bugs worked around: the interpreter holds bf16 as raw
+  16-bit integers (arithmetic on them is garbage) and truncates fp32 -> bf16 instead of
+  rounding, so bf16 is upcast right after loading and rounded to nearest even with integer
+  ops on the fp32 bits (the same arithmetic on the GPU).
 - CPU tensors otherwise: plain torch, fp32 accumulation, one rounding, chunked rows so
   memory stays bounded.
+
+Every path checks the result: an element that was finite in the weight and is NaN or Inf
+after the merge (rounded to the weight's dtype) is reported per layer. The merge is in
+place, so the weights then HOLD those values: `LoRAMergeOverflowError` says so, and the
+caller restores from a copy (`artaug_ext.load_lora` keeps one and restores automatically).
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ _CHUNK_ELEMS = 1 << 22
 
 
 class LoRAMergeOverflowError(FloatingPointError):
-    """Some merged weights became +-Inf. `layers` lists the indices of the layers hit
-    (their weights now hold the overflowed values; the caller restores them)."""
+    """Some merged weights became NaN or Inf (overflow, or Inf - Inf). `layers` lists the
+    indices of the layers hit; their weights now hold the non-finite values (the merge is in
+    place): restore them from a copy."""
 
     def __init__(self, layers: list[int], message: str | None = None):
         self.layers = list(layers)
-        super().__init__(message or f"LoRA merge overflowed to Inf in layer(s) {self.layers}")
+        super().__init__(message or f"LoRA merge gave NaN or Inf in layer(s) {self.layers}; the merge is in place, "
+                                    "so those weights now hold them: restore from a copy")
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,8 +137,10 @@ def _get_kernel():
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         out = w + scale * acc
 
-        # Overflow: finite in, infinite once rounded to the weight's dtype.
-        bad = (tl.abs(out) >= inf_at) & (tl.abs(w) != float("inf")) & mask
+        # Finite in, NaN or Inf once rounded to the weight's dtype (overflow, or Inf - Inf
+        # inside the product). NaN fails every comparison, hence the explicit out != out.
+        w_finite = tl.abs(w) < float("inf")
+        bad = ((tl.abs(out) >= inf_at) | (out != out)) & w_finite & mask
         nbad = tl.sum(bad.to(tl.int32), axis=1)
         nbad = tl.sum(nbad, axis=0)
         if nbad > 0:
@@ -199,24 +210,25 @@ def _(weight, lora_A, lora_B, scale, flag) -> None:
 
 def _merge_torch(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> bool:
     """Same formula as the kernel: fp32 accumulate, one rounding, row chunks. Returns True
-    on overflow (the weight then holds the overflowed values)."""
+    when an element that was finite became NaN or Inf (the weight then holds it)."""
     M, N = weight.shape
     a32 = lora_A.to(torch.float32)
     rows = max(1, _CHUNK_ELEMS // max(N, 1))
     inf_at = _INF_AT[weight.dtype]
-    overflow = False
+    bad = False
     for m0 in range(0, M, rows):
         w_chunk = weight[m0:m0 + rows]
-        out = w_chunk.to(torch.float32)
-        # w + scale * (B @ A) in the GEMM's epilogue: no extra passes over the chunk
-        out.addmm_(lora_B[m0:m0 + rows].to(torch.float32), a32, alpha=scale)
-        if not overflow:
-            lo, hi = torch.aminmax(out)  # one pass, no temporary; NaN fails both tests
+        # w + scale * (B @ A) in the GEMM's epilogue, into a NEW fp32 tensor: for an fp32
+        # weight `.to(float32)` is the weight itself, and an in-place addmm would overwrite
+        # the values the check below compares against.
+        out = torch.addmm(w_chunk.to(torch.float32), lora_B[m0:m0 + rows].to(torch.float32), a32, alpha=scale)
+        if not bad:
+            lo, hi = torch.aminmax(out)  # one pass; NaN propagates and fails both tests
             if not (float(hi) < inf_at and float(lo) > -inf_at):
-                big = out.abs() >= inf_at  # Inf once rounded to the weight's dtype
-                overflow = bool((big & torch.isfinite(w_chunk)).any())
+                hit = ~(out.abs() < inf_at)  # NaN, or Inf once rounded to the weight's dtype
+                bad = bool((hit & torch.isfinite(w_chunk)).any())
         w_chunk.copy_(out)  # the one rounding (round to nearest even)
-    return overflow
+    return bad
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,8 +280,9 @@ def lora_merge_grouped_(weights: Sequence[torch.Tensor],
                         factors: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, float]]]) -> None:
     """Merge LoRAs into many layers in place: `factors[i]` is a list of `(A, B, scale)` for
     `weights[i]` (several LoRAs per layer allowed). All inputs are checked (shapes, dtypes,
-    finiteness) before anything is written; one device sync at the end checks overflow and
-    raises `LoRAMergeOverflowError` naming the layers that overflowed."""
+    finiteness) before anything is written; one device sync at the end checks the results
+    and raises `LoRAMergeOverflowError` naming the layers where a finite weight became NaN
+    or Inf. The merge is in place: those layers then hold the non-finite values."""
     if len(weights) != len(factors):
         raise ValueError(f"{len(weights)} weights but {len(factors)} factor lists")
     flat = []
@@ -317,8 +330,9 @@ def lora_merge_grouped_(weights: Sequence[torch.Tensor],
 def lora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """`weight <- round(weight + scale * lora_B @ lora_A)` in place, fp32 accumulation and one
     round-to-nearest-even. weight `[out, in]`, lora_A `[r, in]`, lora_B `[out, r]`; any strides.
-    Non-finite factors raise before anything is written; an overflow to Inf raises
-    `LoRAMergeOverflowError` after the merge (keep a copy if you need to roll back)."""
+    Non-finite factors raise before anything is written; a result that becomes NaN or Inf
+    raises `LoRAMergeOverflowError` AFTER the merge, with the non-finite values left in the
+    weight (keep a copy to roll back)."""
     lora_merge_grouped_([weight], [[(lora_A, lora_B, scale)]])
     return weight
 

@@ -28,7 +28,9 @@ def test_register_is_idempotent_and_in_place():
     for e in diffsynth.configs.MODEL_CONFIGS:
         assert isinstance(e.get("model_hash"), str) and len(e["model_hash"]) == 32
     for e in ours:
-        assert e["model_class"].startswith("artaug_ext.") and e["state_dict_converter"].startswith("artaug_ext.")
+        # our classes; converters ours, or DiffSynth's own for the tiny metric files (saved in the real formats)
+        assert e["model_class"].startswith("artaug_ext.")
+        assert e["state_dict_converter"].startswith(("artaug_ext.", "diffsynth.utils.state_dict_converters."))
 
 
 def test_tiny_files_have_flux_dev_layout_and_registered_hashes():

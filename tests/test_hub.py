@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from artaug_ext import hub
+from artaug_ext.errors import UsageError
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_resolves_files_in_diffsynth_layout(root):
     files = hub.resolve_model_files("artaug")
     assert files == {"lora": [str(path)]}
     # by either hub's id too
-    assert hub.catalogue_lookup("ECNU-CILab/ArtAug-lora-FLUX.1dev-v1")[0] == "artaug"
+    assert hub.hub_lookup("ECNU-CILab/ArtAug-lora-FLUX.1dev-v1").name == "artaug"
 
 
 def test_finds_modelscope_cache(root, tmp_path):
@@ -147,7 +148,7 @@ def test_check_safetensors_accepts_valid(tmp_path):
 
 
 def test_unknown_catalogue_name():
-    with pytest.raises(KeyError, match="unknown model"):
+    with pytest.raises(UsageError, match="unknown model 'flux-pro'; known: .*flux-dev"):
         hub.resolve_model_files("flux-pro")
 
 

@@ -229,14 +229,18 @@ def test_pair_picture_and_prompt_files(tmp_path):
 # ---------------------------------------------------------------------------- SIGKILL and resume
 
 
+PAUSE_AT = os.path.join(os.path.dirname(__file__), "pause_at.py")
+
+
 def _cli(run_dir, prompts_file):
-    return [sys.executable, "-m", "artaug_ext.interact.cli", "interact", "--prompts", str(prompts_file), "--out",
+    return [sys.executable, PAUSE_AT, "interact", "--prompts", str(prompts_file), "--out",
             str(run_dir), "--model", "tiny-random", "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
             "--threads", "1"]
 
 
 def _run_until_paused_then_kill(cmd, pause_at, marker):
-    env = dict(os.environ, ARTAUG_INTERACT_PAUSE_AT=pause_at, ARTAUG_INTERACT_PAUSE_FILE=str(marker), OMP_NUM_THREADS="1")
+    """Run the CLI under tests/pause_at.py, which pauses it at `pause_at` ("event:n"), then SIGKILL it."""
+    env = dict(os.environ, PAUSE_AT=pause_at, PAUSE_MARKER=str(marker), OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     if marker.exists():
@@ -284,19 +288,16 @@ def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, m
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    import argparse
-
-    from artaug_ext.interact.cli import add_interact_parser, main
+    from artaug_ext.cli import build_parser, main
 
     assert main(["interact", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("artaug: error: --prompts") and "\n" not in err
     assert main(["interact-export", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
     assert "not a run folder" in capsys.readouterr().err
-    parser = argparse.ArgumentParser(prog="artaug")
-    add_interact_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["interact", "--prompts", "p", "--out", "o", "--size", "128x64", "--lora", "x.safetensors:0.5"])
-    assert args.size == (128, 64) and args.lora == [("x.safetensors", 0.5)] and args.func.__name__ == "cmd_interact"
+    args = build_parser().parse_args(["interact", "--prompts", "p", "--out", "o", "--size", "128x64",
+                                      "--lora", "x.safetensors:0.5"])
+    assert args.size == (128, 64) and args.lora == [("x.safetensors", 0.5)] and args.run.__name__ == "run_interact"
 
 
 def test_concurrent_critic_chunks_keep_order_and_results(tmp_path, pipe, monkeypatch):

@@ -356,7 +356,7 @@ def test_errors(dit, caplog):
              "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b}
     with pytest.raises(LoRAFormatError, match=r"blocks.0.attn.a_to_out.*weight \(128, 128\).*B \(384, 4\)"):
         load_lora(dit, wrong)
-    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a model we know by id"):
+    with pytest.raises(LoRAFormatError, match="no such file or folder, and not a LoRA we know by name"):
         load_lora(dit, "/no/such/lora.safetensors")
     # a plain (not DiffSynth-wrapped) layer in a dtype that cannot take the merge: an error,
     # not a LoRA list that no forward would ever read
@@ -422,8 +422,8 @@ def test_load_artaug_through_hub(dit, tmp_path, monkeypatch):
                "lora_unet_double_blocks_1_img_attn_qkv.alpha": torch.tensor(4.0)}, str(path))
     calls = []
 
-    def fake(key, model_dir=None):
-        calls.append((key, model_dir))
+    def fake(card, model_dir=None):
+        calls.append((card.name, model_dir))
         return {"lora": [str(path)]}
 
     monkeypatch.setattr(hub, "resolve_model_files", fake)

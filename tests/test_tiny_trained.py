@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 import artaug_ext
 from artaug_ext import analyse
-from artaug_ext.tiny.spec import ALIASES, SPECS, get_spec
+from artaug_ext.cards import ALIASES
+from artaug_ext.tiny.spec import SPECS, get_spec
 from artaug_ext.tiny.trained import WEIGHT_FILES, asset_dir, has_assets
 
 
@@ -64,10 +65,10 @@ def test_draws_the_prompt_colours_bound_to_object_and_background(trained_pipe):
 
 
 def test_eval_tiny_rejects_non_positive_counts(capsys):
-    from artaug_ext.eval_tiny import main
+    from artaug_ext.cli import main
 
     for argv in (["-n", "0"], ["--steps", "-2"], ["--lighting-pairs", "x"]):
         with pytest.raises(SystemExit) as e:
-            main(argv)
+            main(["eval-tiny", *argv])
         assert e.value.code == 2
     assert "must be positive" in capsys.readouterr().err

@@ -9,8 +9,10 @@ Every backend has `critique(image, prompt) -> ParseResult`:
 - `transformers`: Qwen2-VL / Qwen2.5-VL loaded locally with transformers.
 
 The instruction sent to VLMs is one versioned file, `templates/critique_v1.txt`.
-Each VLM backend knows its model's grounding convention (DESIGN.md section 2) and which image
-size its coordinates refer to, and hands both to `parse_suggestions`.
+Each VLM backend knows its model's grounding convention (Qwen2-VL and Qwen3-VL: a 0-1000
+grid; Qwen2.5-VL: absolute pixels of the image it saw after its processor's resize; GLM-V:
+a 0-1000 grid) and which image size its coordinates refer to, and hands both to
+`parse_suggestions`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
+from .. import scenes
+from ..colours import COLOURS, rgb255
+from ..errors import ArtaugError, UsageError
 from .parse import ParseResult, Suggestion, parse_suggestions
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ TEMPLATE_VERSION = "v1"
 CRITICS = ("heuristic", "openai", "transformers")
 
 
-class CriticError(RuntimeError):
+class CriticError(ArtaugError, RuntimeError):
     """A critic backend could not produce an answer (server error, bad configuration)."""
 
 
@@ -101,11 +106,6 @@ def parse_for_convention(text: str, convention: str, sent_size: tuple[int, int],
 
 # ---------------------------------------------------------------------------- heuristic
 
-_PALETTE = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-    "orange": (240, 140, 30), "purple": (140, 50, 180), "pink": (240, 140, 180), "brown": (130, 80, 40),
-    "cyan": (40, 200, 210), "white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128),
-}
 # Targets of the heuristic critic (and scorer): luma in [0, 1], contrast = luma std,
 # sharpness = std of the luma Laplacian. A cell outside a band gets a fix; severity = distance.
 EXPOSURE_BAND = (0.2, 0.75)
@@ -125,7 +125,10 @@ def exposure_error(st: dict) -> float:
     if st["exposure"] > EXPOSURE_BAND[1] and st["saturation"] < WASHED_OUT_SATURATION:
         return st["exposure"] - EXPOSURE_BAND[1]
     return 0.0
-LIGHTING_PHRASES = ("dim light", "normal light", "bright light", "backlit", "overexposed", "underexposed")
+
+
+# Lighting words of a prompt: the scenes' phrases, and the one fix word they lack.
+LIGHTING_PHRASES = tuple(scenes.LIGHTING_PHRASES.values()) + ("underexposed",)
 
 
 def prompt_content(prompt: str) -> str:
@@ -134,6 +137,7 @@ def prompt_content(prompt: str) -> str:
     for phrase in LIGHTING_PHRASES:
         text = re.sub(r",?\s*\b" + re.escape(phrase) + r"\b", "", text, flags=re.I)
     return " ".join(text.split()).strip(" ,")
+
 
 _ROWS = ("top", "middle", "bottom")
 _COLS = ("left", "center", "right")
@@ -150,9 +154,9 @@ def _position(row: int, col: int) -> str:
 
 
 def colour_name(rgb) -> str:
-    """Nearest palette colour name (the tiny vocabulary's colour words)."""
+    """Name of the nearest colour of the colour table (8-bit sRGB in)."""
     rgb = np.asarray(rgb, dtype=np.float64)
-    return min(_PALETTE, key=lambda k: float(((np.asarray(_PALETTE[k]) - rgb) ** 2).sum()))
+    return min(COLOURS, key=lambda k: float(((np.asarray(rgb255(k)) - rgb) ** 2).sum()))
 
 
 def region_stats(pixels: np.ndarray) -> dict[str, float]:
@@ -287,7 +291,7 @@ class OpenAICritic:
         self.base_url = (base_url or os.environ.get("ARTAUG_CRITIC_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
         self.model = model or os.environ.get("ARTAUG_CRITIC_MODEL") or ""
         if not self.base_url or not self.model:
-            raise ValueError("the openai critic needs a base URL and a model: --critic-base-url/--critic-model "
+            raise UsageError("the openai critic needs a base URL and a model: --critic-base-url/--critic-model "
                              "(or ARTAUG_CRITIC_BASE_URL / ARTAUG_CRITIC_MODEL)")
         self.api_key = os.environ.get(api_key_env, "")
         self.convention = convention or convention_for(self.model)
@@ -444,7 +448,7 @@ def make_critic(name: str, **options):
     if name == "transformers":
         path = options.pop("path", None) or options.pop("model", None)
         if not path:
-            raise ValueError("the transformers critic needs --critic-model (a local folder or model id)")
+            raise UsageError("the transformers critic needs --critic-model (a local folder or model id)")
         options.pop("base_url", None)
         return TransformersCritic.from_pretrained(path, **options)
-    raise ValueError(f"unknown critic {name!r}; choose one of: {', '.join(CRITICS)}")
+    raise UsageError(f"unknown critic {name!r}; choose one of: {', '.join(CRITICS)}")

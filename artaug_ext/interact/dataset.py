@@ -36,8 +36,19 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
-from ..files import sha256_file
-from .enhance import DEFAULT_REGION_SCALE, enhance
+from ..errors import FileFormatError, UsageError
+from ..files import (
+    FolderLock,
+    append_line,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_line,
+    read_jsonl,
+    read_text_lines,
+    sha256_file,
+)
+from .constants import DEFAULT_REGION_SCALE
+from .enhance import enhance
 from .parse import ParseResult
 from .pictures import pair_picture
 from .scorers import FilterConfig, keep_pair
@@ -45,51 +56,9 @@ from .scorers import FilterConfig, keep_pair
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
-_HOOK_COUNTS: dict[str, int] = {}
 
 
 # ---------------------------------------------------------------------------- files
-
-def _test_hook(event: str) -> None:
-    """Test hook: ARTAUG_INTERACT_PAUSE_AT="event:n" pauses (forever, until killed) at the n-th
-    `event` of this process after touching ARTAUG_INTERACT_PAUSE_FILE, so a test can SIGKILL the
-    run at an exact point (events: item, png, manifest)."""
-    spec = os.environ.get("ARTAUG_INTERACT_PAUSE_AT")
-    if not spec:
-        return
-    name, _, count = spec.partition(":")
-    if name != event:
-        return
-    _HOOK_COUNTS[event] = _HOOK_COUNTS.get(event, 0) + 1
-    if _HOOK_COUNTS[event] == int(count or 1):
-        marker = os.environ.get("ARTAUG_INTERACT_PAUSE_FILE")
-        if marker:
-            with open(marker, "w") as f:
-                f.write(event)
-        while True:
-            time.sleep(1)
-
-
-def atomic_write_bytes(path: str, data: bytes, shared: bool = False) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete, never partial.
-
-    `shared`: other processes may write the same path at the same time (run.json when ranks
-    start together, manifest.jsonl when the last two ranks finish together, the hash cache),
-    so the temporary file is per process; otherwise two writers share one temporary file and
-    the second rename fails."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
-    with open(tmp, "wb") as f:
-        half = len(data) // 2
-        f.write(data[:half])
-        if path.endswith(".png"):
-            f.flush()
-            _test_hook("png")
-        f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -97,37 +66,10 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _json_line(record: dict) -> bytes:
-    return (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def append_line(path: str, record: dict) -> None:
-    """Append one manifest line and fsync it (a torn line is repaired by `read_manifest`)."""
-    data = _json_line(record)
-    with open(path, "ab") as f:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        _test_hook("manifest")
-        f.write(data[len(data) // 2:])
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_manifest(path: str, repair: bool = False) -> list[dict]:
-    """Records of a JSONL manifest; a torn last line (no newline) is ignored, or cut off if `repair`."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - end)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+    """Records of a JSONL manifest; a torn last line (no newline) is ignored, or cut off if `repair`;
+    a corrupt line elsewhere raises naming the file and line."""
+    return read_jsonl(path, repair=repair, what="manifest")
 
 
 def _hash_cache_path() -> str:
@@ -174,21 +116,21 @@ def sha256_path(path: str) -> str:
 def read_prompts(path: str) -> list[str]:
     """Prompts from a text file (one a line; blank lines and #comments skipped) or JSONL {"prompt": ...}."""
     if not os.path.isfile(path):
-        raise ValueError(f"--prompts {path}: no such file")
+        raise UsageError(f"--prompts {path}: no such file")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    line = json.loads(line)["prompt"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"--prompts {path}:{n}: expected a JSON object with a \"prompt\"") from None
-            prompts.append(str(line))
+    for n, line in enumerate(read_text_lines(path, "prompt file"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise FileFormatError(f"{path}:{n}", 'expected a JSON object with a "prompt"',
+                                      "fix that line, or use a .txt file with one prompt a line") from None
+        prompts.append(str(line))
     if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts in the file")
+        raise UsageError(f"--prompts {path}: no prompts in the file (one a line; # starts a comment)")
     return prompts
 
 
@@ -198,7 +140,7 @@ def dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
     local = int(os.environ.get("LOCAL_RANK", rank))
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world, local
 
 
@@ -251,11 +193,10 @@ def _check_run_json(run_dir: str, settings: dict) -> None:
         diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diff:
             k = diff[0]
-            raise ValueError(f"--out {run_dir} holds a run with other settings ({k}: {str(old.get(k))[:80]} -> "
+            raise UsageError(f"--out {run_dir} holds a run with other settings ({k}: {str(old.get(k))[:80]} -> "
                              f"{str(settings.get(k))[:80]}); resume with the same settings or use a new --out")
         return
-    atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n",
-                       shared=True)
+    atomic_write_json(path, settings, shared=True)
 
 
 def shard_path(run_dir: str, rank: int, world: int) -> str:
@@ -276,7 +217,7 @@ def merge_manifests(run_dir: str) -> int:
         for r in read_manifest(p):
             records.setdefault(r["id"], r)
     ordered = [records[k] for k in sorted(records)]
-    atomic_write_bytes(os.path.join(run_dir, "manifest.jsonl"), b"".join(_json_line(r) for r in ordered), shared=True)
+    atomic_write_bytes(os.path.join(run_dir, "manifest.jsonl"), b"".join(json_line(r) for r in ordered), shared=True)
     return len(ordered)
 
 
@@ -295,21 +236,26 @@ class InteractRun:
             import torch
 
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"  # one GPU per rank
-        from ..pipeline import default_size, default_steps, load_pipeline, t5_sequence_length
+        from ..pipeline import default_size, default_steps, t5_sequence_length
 
         self.steps = cfg.steps or default_steps(cfg.model)
         self.height = cfg.height or default_size(cfg.model)
         self.width = cfg.width or default_size(cfg.model)
         self.t5_len = t5_sequence_length(cfg.model)
-        if pipe is None:
-            from ..lora import load_lora
+        # This rank's lock on the folder, before anything expensive: a second run of the same
+        # rank on the same folder is refused, naming the process that holds it.
+        self.lock = FolderLock(self.run_dir, f".artaug-lock-rank{self.rank:05d}-of-{self.world:05d}").acquire()
+        try:
+            self._setup(pipe, critic, scorer, model_dir, device)
+        except BaseException:
+            self.lock.release()
+            raise
 
-            pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
-            for path, alpha in cfg.loras:
-                # Ours, not `pipe.load_lora`: DiffSynth's merges 0 tensors of a LoRA in its own
-                # training format (the previous round's) without an error, and merges in bf16.
-                load_lora(pipe, path, alpha=alpha)
-        self.pipe = pipe
+    def _setup(self, pipe, critic, scorer, model_dir, device) -> None:
+        """Critic and scorer first (their configuration errors cost nothing), then the pipeline."""
+        from ..pipeline import load_pipeline
+
+        cfg = self.cfg
         if critic is None:
             from .critics import make_critic
 
@@ -325,6 +271,15 @@ class InteractRun:
 
             scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device)
         self.scorer = scorer
+        if pipe is None:
+            from ..lora import load_lora
+
+            pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
+            for path, alpha in cfg.loras:
+                # Ours, not `pipe.load_lora`: DiffSynth's merges 0 tensors of a LoRA in its own
+                # training format (the previous round's) without an error, and merges in bf16.
+                load_lora(pipe, path, alpha=alpha)
+        self.pipe = pipe
         paths = getattr(pipe, "artaug_model_paths", {}) or {}
         self.model_sha = {role: sha256_path(p) for role, p in sorted(paths.items()) if isinstance(p, str)}
         self.lora_sha = [{"path": os.path.basename(p), "alpha": a, "sha256": cached_sha256_file(p)} for p, a in cfg.loras]
@@ -399,6 +354,13 @@ class InteractRun:
         return self.finish(prompt_index, image_index, original, critique)
 
     def run(self) -> dict:
+        """Process this rank's unfinished items, then release the folder lock."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         os.makedirs(os.path.join(self.run_dir, "shards"), exist_ok=True)
@@ -421,7 +383,6 @@ class InteractRun:
             part = todo[start:start + chunk]
             originals = []
             for p, i in part:
-                _test_hook("item")
                 originals.append(self.generate_original(p, i))
             critiques = self.critique_many([(im, self.cfg.prompts[p]) for im, (p, _) in zip(originals, part, strict=True)])
             for (p, i), original, critique in zip(part, originals, critiques, strict=True):
@@ -466,7 +427,7 @@ def export_pairs(run_dir: str, out_dir: str, keep_fraction: float = 1.0, link: b
     `keep_fraction` < 1 keeps only the best share of kept pairs by quality gain. Returns the count.
     """
     if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep fraction {keep_fraction} must be in (0, 1]")
+        raise UsageError(f"--keep-fraction {keep_fraction} must be in (0, 1]")
     merge_manifests(run_dir)
     kept = [r for r in read_manifest(os.path.join(run_dir, "manifest.jsonl")) if r.get("kept") and r.get("enhanced")]
     kept.sort(key=lambda r: (-(r.get("gain") or 0.0), r["id"]))
@@ -491,5 +452,82 @@ def export_pairs(run_dir: str, out_dir: str, keep_fraction: float = 1.0, link: b
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(os.path.join(folder, "metadata.csv"), buf.getvalue().encode("utf-8"))
-        atomic_write_bytes(os.path.join(folder, "metadata.jsonl"), b"".join(_json_line(r) for r in rows))
+        atomic_write_bytes(os.path.join(folder, "metadata.jsonl"), b"".join(json_line(r) for r in rows))
     return len(kept)
+
+
+# ---------------------------------------------------------------------------- reading pairs
+
+@dataclass(frozen=True)
+class Pair:
+    """One kept pair: the prompt, the original and the enhanced image files."""
+
+    id: str
+    prompt: str
+    original: str
+    enhanced: str
+    gain: float | None = None
+
+
+def _csv_rows(path: str) -> list[dict]:
+    rows = []
+    lines = read_text_lines(path, "metadata file")
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is None or not {"image", "prompt"} <= set(reader.fieldnames):
+        raise FileFormatError(path, f"columns {reader.fieldnames} lack 'image' and 'prompt'",
+                              "export the pairs again with `artaug interact-export`")
+    for n, row in enumerate(reader, 2):
+        if not row.get("image"):
+            raise FileFormatError(f"{path}:{n}", "a row without an image", "fix or delete that row")
+        rows.append(row)
+    return rows
+
+
+def read_pairs(path: str) -> list[Pair]:
+    """The kept pairs of a pair dataset: a run folder of `artaug interact` (its manifest), or the
+    output of `artaug interact-export` (original/ and enhanced/ with metadata.csv). Every image
+    must exist; the error names the file that does not."""
+    if os.path.isdir(os.path.join(path, "shards")) or os.path.isfile(os.path.join(path, "manifest.jsonl")):
+        if os.path.isdir(os.path.join(path, "shards")):
+            records = {}
+            for p in sorted(glob.glob(os.path.join(path, "shards", "manifest-rank*.jsonl"))):
+                for r in read_manifest(p):
+                    records.setdefault(r["id"], r)
+            records = [records[k] for k in sorted(records)]
+        else:
+            records = read_manifest(os.path.join(path, "manifest.jsonl"))
+        pairs = [Pair(r["id"], r["prompt"], os.path.join(path, r["original"]), os.path.join(path, r["enhanced"]),
+                      r.get("gain")) for r in records if r.get("kept") and r.get("enhanced")]
+    elif os.path.isfile(os.path.join(path, "original", "metadata.csv")):
+        originals = _csv_rows(os.path.join(path, "original", "metadata.csv"))
+        enhanced = _csv_rows(os.path.join(path, "enhanced", "metadata.csv"))
+        if len(originals) != len(enhanced):
+            raise FileFormatError(path, f"{len(originals)} originals but {len(enhanced)} enhanced images in the "
+                                  "metadata.csv files", "export the pairs again with `artaug interact-export`")
+        pairs = []
+        for o, e in zip(originals, enhanced, strict=True):
+            if o["prompt"] != e["prompt"]:
+                raise FileFormatError(path, f"the pair {o['image']} / {e['image']} has two prompts",
+                                      "export the pairs again with `artaug interact-export`")
+            pairs.append(Pair(o["image"].split(".")[0], o["prompt"], os.path.join(path, "original", o["image"]),
+                              os.path.join(path, "enhanced", e["image"])))
+    else:
+        raise UsageError(f"{path}: not a pair dataset (neither a run folder of `artaug interact` nor an "
+                         "`artaug interact-export` folder with original/metadata.csv)")
+    for p in pairs:
+        for image in (p.original, p.enhanced):
+            if not os.path.isfile(image):
+                raise FileFormatError(image, "missing image of a kept pair",
+                                      "restore it, or run `artaug interact` again on the same folder")
+    return pairs
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB image, fully decoded (a truncated or corrupt file raises naming it)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise FileFormatError(path, f"not a readable image ({type(e).__name__}: {e})",
+                              "restore it, or delete it and run `artaug interact` again on the same folder") from None

@@ -1,7 +1,7 @@
 """Regional enhancement: regenerate from the same seed with the critic's local prompts blended in.
 
 Per denoising step, with eps the model output (a flow velocity for FLUX; the formula is the
-paper's, DESIGN.md section 2):
+ArtAug paper's, arXiv 2412.12888):
 
     eps = (eps(P) + sum_i s_i * blur(M_i) * eps(P_i)) / (1 + sum_i s_i * blur(M_i))
 
@@ -20,15 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .constants import DEFAULT_REGION_SCALE
 from .parse import Suggestion
 
 logger = logging.getLogger(__name__)
 
-# Default region scale s_i: inside a box (blurred mask = 1) the region prompt and the global
-# prompt count equally; at the blurred edges the region prompt fades out. Raise it (2-4) for
-# stronger local changes; at large values the region prompt replaces the global one inside
-# the box.
-DEFAULT_REGION_SCALE = 1.0
 
 # The authors' blur: kernel 33, sigma 10, at a latent short side of 128 (a 1024px image).
 BLUR_KERNEL, BLUR_SIGMA, BLUR_REFERENCE_SIDE = 33, 10.0, 128
@@ -219,11 +215,16 @@ def regional_prompts(pipe, prompt: str, suggestions: list[Suggestion], *, height
 def enhance(pipe, prompt: str, suggestions: list[Suggestion], *, seed: int, steps: int, height: int, width: int,
             t5_sequence_length: int, scale: float | list[float] = DEFAULT_REGION_SCALE, embedded_guidance: float = 3.5,
             progress: bool = False):
-    """The enhanced image: same prompt, seed and settings as the original, regions blended in."""
+    """The enhanced image: same prompt, seed and settings as the original, regions blended in
+    (no suggestions: the original). A non-finite result raises NonFiniteError."""
     from tqdm import tqdm
 
+    from ..pipeline import check_generation_args, non_finite_guard
+
+    check_generation_args(prompt, steps=steps, height=height, width=width, embedded_guidance=embedded_guidance)
+    what = f"{'enhancing' if suggestions else 'generating'} {prompt[:60]!r} (seed {seed})"
     with regional_prompts(pipe, prompt, suggestions, height=height, width=width,
-                          t5_sequence_length=t5_sequence_length, scale=scale) as wrapper:
+                          t5_sequence_length=t5_sequence_length, scale=scale) as wrapper, non_finite_guard(pipe, what):
         image = pipe(prompt=prompt, seed=seed, num_inference_steps=steps, height=height, width=width,
                      embedded_guidance=embedded_guidance, t5_sequence_length=t5_sequence_length,
                      progress_bar_cmd=tqdm if progress else (lambda x: x))

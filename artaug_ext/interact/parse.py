@@ -1,7 +1,7 @@
 """Grounded suggestions out of whatever text a vision-language model returns.
 
 One function, `parse_suggestions(text, image_size, coords="auto")`, reads every grounding
-convention we target (DESIGN.md section 2) and returns normalised boxes:
+convention we target and returns normalised boxes:
 
 - Qwen2-VL: `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x0,y0),(x1,y1)<|box_end|>`
   on a 0-1000 grid, and the same with the special tokens stripped (`the sky(0,0),(999,380)`),

@@ -5,9 +5,9 @@ of its scores measure quality (higher is better; the pair must win on them by a 
 which measure text alignment (must not drop). Backends:
 
 - `heuristic`: offline, no weights; see `HeuristicScorer` for what it does and does not measure.
-- `aesthetic`, `pickscore`, `clip`: DiffSynth's `diffsynth.metrics` with weights from
-  ModelScope `DiffSynth-Studio/ImageMetrics` through our hub layer (one subfolder each;
-  `artaug download image-metrics --files Aesthetic/` to prefetch).
+- `aesthetic`, `pickscore`, `clip`, `hpsv2`, `imagereward`: DiffSynth's `diffsynth.metrics`
+  with weights from ModelScope `DiffSynth-Studio/ImageMetrics` through our hub layer (one
+  subfolder each; `artaug download image-metrics --files Aesthetic/` to prefetch).
 - several at once: "aesthetic+pickscore+clip" (the paper's filter).
 """
 
@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ..colours import COLOURS, rgb255
+from ..errors import UsageError
 from .critics import (
-    _PALETTE,
     MIN_CONTRAST,
     MIN_SATURATION,
     SHARPNESS_BAND,
@@ -33,13 +34,17 @@ from .critics import (
 
 logger = logging.getLogger(__name__)
 
-SCORERS = ("heuristic", "aesthetic", "pickscore", "clip")
+SCORERS = ("heuristic", "analyser", "aesthetic", "pickscore", "clip", "hpsv2", "imagereward")
 
 
 class Scorer:
-    """Interface: `score(images, prompt) -> [{name: value}]`, plus which names mean what."""
+    """Interface: `score(images, prompt) -> [{name: value}]`, plus which names mean what.
+
+    `identity()` names what the scores depend on besides the image and the prompt (name,
+    version of our code, hash of the weights), so a cache keyed by it is never stale."""
 
     name = "scorer"
+    version = "1"
     quality_keys: tuple[str, ...] = ()
     alignment_keys: tuple[str, ...] = ()
 
@@ -48,6 +53,13 @@ class Scorer:
 
     def describe(self) -> dict:
         return {"scorer": self.name, "quality": list(self.quality_keys), "alignment": list(self.alignment_keys)}
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "weights": None}
+
+    def components(self) -> list[Scorer]:
+        """The single scorers this one is made of (itself, unless combined)."""
+        return [self]
 
 
 class HeuristicScorer(Scorer):
@@ -88,12 +100,12 @@ class HeuristicScorer(Scorer):
     @staticmethod
     def colour_match(image: Image.Image, prompt: str) -> float:
         words = [w.strip(".,;:!?").lower() for w in prompt.split()]
-        wanted = [w for w in dict.fromkeys(words) if w in _PALETTE]
+        wanted = [w for w in dict.fromkeys(words) if w in COLOURS]
         if not wanted:
             return 1.0
         px = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float64).reshape(-1, 1, 3)
-        names = list(_PALETTE)
-        palette = np.array([_PALETTE[n] for n in names], dtype=np.float64).reshape(1, -1, 3)
+        names = list(COLOURS)
+        palette = np.array([rgb255(n) for n in names], dtype=np.float64).reshape(1, -1, 3)
         nearest = ((px - palette) ** 2).sum(-1).argmin(1)
         share = {n: float((nearest == i).mean()) for i, n in enumerate(names)}
         return float(np.mean([share[w] >= 0.02 for w in wanted]))
@@ -104,38 +116,55 @@ class HeuristicScorer(Scorer):
 
 
 def _metric_folder(subfolder: str, model_dir: str | None) -> str:
-    from ..hub import CATALOGUE, resolve
+    from ..cards import card
+    from ..hub import resolve
 
-    model_id = CATALOGUE["image-metrics"].modelscope_id
+    model_id = card("image-metrics").modelscope_id
     found = resolve(model_id, [subfolder + "/"], model_dir=model_dir)
     return found[subfolder + "/"][0]
 
 
 class DiffSynthMetricScorer(Scorer):
-    """One of DiffSynth's metrics (Aesthetic, PickScore, CLIP) on weights from our hub layer."""
+    """One of DiffSynth's metrics (Aesthetic, PickScore, CLIP, HPSv2, ImageReward) on weights from our hub layer.
 
-    _SPECS = {  # name: (metric class, weights subfolder, takes a prompt, quality or alignment)
-        "aesthetic": ("AestheticMetric", "Aesthetic", False, "quality"),
-        "pickscore": ("PickScoreMetric", "PickScore", True, "quality"),
-        "clip": ("CLIPMetric", "CLIP-ViT-H-14-laion2B-s32B-b79K", True, "alignment"),
+    Each metric's weights subfolder of `DiffSynth-Studio/ImageMetrics` is taken from
+    `artaug_ext.tiny.metrics.METRIC_FOLDERS`, imported here on first use because that module
+    needs DiffSynth and this one must import without it.
+    """
+
+    _SPECS = {  # name: (metric class, its from_pretrained argument for the processor folder, takes a prompt, role)
+        "aesthetic": ("AestheticMetric", "processor_config", False, "quality"),
+        "pickscore": ("PickScoreMetric", "processor_config", True, "quality"),
+        "clip": ("CLIPMetric", "processor_config", True, "alignment"),
+        "hpsv2": ("HPSv2Metric", "processor_config", True, "quality"),
+        "imagereward": ("ImageRewardMetric", "tokenizer_config", True, "quality"),
     }
 
     def __init__(self, name: str, *, model_dir: str | None = None, device: str | None = None, torch_dtype=None):
+        if name not in self._SPECS:
+            raise UsageError(f"unknown metric {name!r}; choose one of {', '.join(self._SPECS)}")
         import torch
         from diffsynth import metrics
         from diffsynth.core import ModelConfig
 
-        if name not in self._SPECS:
-            raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(self._SPECS)}")
-        cls_name, sub, self.takes_prompt, role = self._SPECS[name]
-        folder = _metric_folder(sub, model_dir)
+        from ..tiny.metrics import METRIC_FOLDERS
+
+        cls_name, processor_arg, self.takes_prompt, role = self._SPECS[name]
+        folder = _metric_folder(METRIC_FOLDERS[name], model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.name = name
         self.quality_keys = (name,) if role == "quality" else ()
         self.alignment_keys = (name,) if role == "alignment" else ()
+        weights = os.path.join(folder, "model.safetensors")
         self.metric = getattr(metrics, cls_name).from_pretrained(
-            model_config=ModelConfig(path=os.path.join(folder, "model.safetensors")),
-            processor_config=ModelConfig(path=folder), device=device, torch_dtype=torch_dtype or torch.float32)
+            model_config=ModelConfig(path=weights),
+            **{processor_arg: ModelConfig(path=folder)}, device=device, torch_dtype=torch_dtype or torch.float32)
+        from .dataset import cached_sha256_file
+
+        self.weights_sha256 = cached_sha256_file(weights)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "weights": self.weights_sha256}
 
     def score(self, images, prompt):
         values = self.metric.score(prompt, images) if self.takes_prompt else self.metric.score(images)
@@ -158,20 +187,54 @@ class CombinedScorer(Scorer):
                 d.update(part)
         return out
 
+    def identity(self) -> dict:
+        return {"name": self.name, "parts": [s.identity() for s in self.scorers]}
+
+    def components(self) -> list[Scorer]:
+        return list(self.scorers)
+
+
+class AnalyserScorer(Scorer):
+    """Text alignment of the tiny model's images: the caption analyser (`artaug_ext.analyse`)
+    reads the main object's colour, shape and position and the background colour, and each
+    is compared with what the prompt says (prompts of the scene grammar; others score NaN
+    and are left out of the statistics). `match` is the share of the four that agree."""
+
+    name = "analyser"
+    alignment_keys = ("match",)
+    KEYS = ("match", "colour", "shape", "position", "background")
+
+    def score(self, images, prompt):
+        from .. import analyse, scenes
+
+        scene = scenes.parse_caption(prompt)
+        out = []
+        for image in images:
+            if scene is None:
+                out.append({k: float("nan") for k in self.KEYS})
+                continue
+            hits = analyse.matches(analyse.analyse(image), scene)
+            row = {k: float(v) for k, v in hits.items()}
+            row["match"] = sum(hits.values()) / len(hits)
+            out.append(row)
+        return out
+
 
 def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None) -> Scorer:
     """A scorer by name; "a+b" combines several."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
     if not parts:
-        raise ValueError("--scorer is empty")
+        raise UsageError("--scorer is empty")
     scorers = []
     for p in parts:
         if p == "heuristic":
             scorers.append(HeuristicScorer())
+        elif p == "analyser":
+            scorers.append(AnalyserScorer())
         elif p in DiffSynthMetricScorer._SPECS:
             scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
         else:
-            raise ValueError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
+            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
     return scorers[0] if len(scorers) == 1 else CombinedScorer(scorers)
 
 
@@ -179,17 +242,16 @@ def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None =
 class FilterConfig:
     """When a pair is kept: enhanced beats original by `margin` on every quality score (absolute,
     or relative to |original| when `relative`), and no alignment score drops by more than
-    `alignment_tolerance`. `keep_fraction` (export) keeps only the best share of kept pairs by gain."""
+    `alignment_tolerance`."""
 
     margin: float = 0.0
     relative: bool = False
     alignment_tolerance: float = 0.0
-    keep_fraction: float = 1.0
     quality_keys: list[str] | None = field(default=None)
 
     def to_dict(self) -> dict:
         return {"margin": self.margin, "relative": self.relative, "alignment_tolerance": self.alignment_tolerance,
-                "keep_fraction": self.keep_fraction, "quality_keys": self.quality_keys}
+                "quality_keys": self.quality_keys}
 
 
 def keep_pair(original: dict, enhanced: dict, scorer: Scorer, cfg: FilterConfig) -> tuple[bool, str, float]:

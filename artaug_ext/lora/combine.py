@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .formats import _CLIP, _KOHYA_DOUBLE, _KOHYA_GLOBAL, _KOHYA_SINGLE, _T5, parse_lora, read_lora
+from ..errors import UsageError
+from .formats import kohya_name, module_out_features, parse_lora, read_lora, stack_pieces
 
 logger = logging.getLogger(__name__)
-
-# out_features / in_features of the fused modules that row pieces land in.
-_FUSED_RATIO = {"attn.a_to_qkv": 3, "attn.b_to_qkv": 3, "to_qkv_mlp": 7, "final_norm_out.linear": 2}
 
 
 @dataclass
@@ -49,20 +48,8 @@ def lora_layers(lora, alpha: float = 1.0) -> dict[str, LoRALayer]:
         grouped.setdefault(f"{p.component}:{p.module}", []).append(p)
     out = {}
     for key, pieces in grouped.items():
-        in_f = pieces[0].A.shape[1]
-        module = key.split(":", 1)[1]
-        suffix = next((s for s in _FUSED_RATIO if module.endswith(s)), None)
-        if all(p.rows is None for p in pieces):
-            out_f = pieces[0].B.shape[0]
-        else:
-            out_f = _FUSED_RATIO[suffix] * in_f
-        A = torch.cat([p.A.double() for p in pieces], dim=0)
-        B = torch.zeros(out_f, A.shape[0], dtype=torch.float64)
-        c = 0
-        for p in pieces:
-            lo = 0 if p.rows is None else p.rows[0] * in_f
-            B[lo:lo + p.B.shape[0], c:c + p.A.shape[0]] = p.B.double() * (p.scale * alpha)
-            c += p.A.shape[0]
+        out_f = module_out_features(key.split(":", 1)[1], pieces)
+        A, B = stack_pieces(pieces, out_f, alpha, dtype=torch.float64)
         out[key] = LoRALayer(A.float(), B.float())
     return out
 
@@ -70,6 +57,8 @@ def lora_layers(lora, alpha: float = 1.0) -> dict[str, LoRALayer]:
 def truncate_layer(layer: LoRALayer, rank: int) -> tuple[LoRALayer, float]:
     """Best rank-`rank` approximation of B @ A; returns it and the retained energy
     (sum of kept squared singular values / total)."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise UsageError(f"truncation rank {rank!r} must be a positive integer")
     A, B = layer.A.double(), layer.B.double()
     qb, rb = torch.linalg.qr(B)  # B = qb rb
     qa, ra = torch.linalg.qr(A.T)  # A^T = qa ra
@@ -88,13 +77,19 @@ def combine_loras(loras, weights=None, *, average: bool = False, rank: int | Non
     truncated to `rank`. Returns (layers, info): info["ranks_before"] per layer and, when
     truncated, info["energy"] (retained energy per layer) and info["min_energy"]."""
     loras = list(loras)
+    if not loras:
+        raise UsageError("combine_loras: no LoRAs given")
+    if rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise UsageError(f"combine_loras: rank={rank!r} must be a positive integer (None keeps the exact sum)")
     weights = [1.0] * len(loras) if weights is None else [float(w) for w in weights]
+    if any(not math.isfinite(w) for w in weights):
+        raise UsageError(f"combine_loras: weights {weights} must be finite")
     if len(weights) != len(loras):
-        raise ValueError(f"{len(loras)} LoRAs but {len(weights)} weights")
+        raise UsageError(f"{len(loras)} LoRAs but {len(weights)} weights")
     if average:
         total = sum(weights)
         if total == 0:
-            raise ValueError("weights sum to zero; cannot average")
+            raise UsageError("weights sum to zero; cannot average")
         weights = [w / total for w in weights]
     sets = [lora_layers(lora) for lora in loras]
     out: dict[str, LoRALayer] = {}
@@ -102,7 +97,7 @@ def combine_loras(loras, weights=None, *, average: bool = False, rank: int | Non
         parts = [(s[key], w) for s, w in zip(sets, weights, strict=True) if key in s]
         shapes = {(p.B.shape[0], p.A.shape[1]) for p, _ in parts}
         if len(shapes) > 1:
-            raise ValueError(f"{key}: the LoRAs disagree on the layer shape: {sorted(shapes)}")
+            raise UsageError(f"{key}: the LoRAs disagree on the layer shape: {sorted(shapes)}")
         out[key] = LoRALayer(torch.cat([p.A for p, _ in parts], dim=0),
                              torch.cat([p.B * w for p, w in parts], dim=1))
     info: dict = {"ranks_before": {k: v.rank for k, v in out.items()}}
@@ -120,32 +115,6 @@ def combine_loras(loras, weights=None, *, average: bool = False, rank: int | Non
 
 
 # --- export -------------------------------------------------------------------------------
-
-_INV_DOUBLE = {v: k for k, v in _KOHYA_DOUBLE.items()}
-_INV_SINGLE = {v: k for k, v in _KOHYA_SINGLE.items()}
-_INV_GLOBAL = {v: k for k, v in _KOHYA_GLOBAL.items()}
-_INV_CLIP = {v: k for k, v in _CLIP.items()}
-_INV_T5 = {v: k for k, v in _T5.items()}
-
-
-def kohya_name(key: str) -> str:
-    """"dit:blocks.0.attn.a_to_qkv" -> "lora_unet_double_blocks_0_img_attn_qkv". T5 layers get
-    kohya's FLUX prefix `lora_te3_` (what sd-scripts' lora_flux writes and ComfyUI reads)."""
-    comp, module = key.split(":", 1)
-    parts = module.split(".")
-    if comp == "te1" and parts[0] == "encoders":
-        return f"lora_te1_text_model_encoder_layers_{parts[1]}_{_INV_CLIP['.'.join(parts[2:])]}"
-    if comp == "te2" and parts[:2] == ["encoder", "block"] and ".".join(parts[3:]) in _INV_T5:
-        return f"lora_te3_encoder_block_{parts[2]}_{_INV_T5['.'.join(parts[3:])]}"
-    if comp == "dit":
-        if parts[0] == "blocks":
-            return f"lora_unet_double_blocks_{parts[1]}_{_INV_DOUBLE['.'.join(parts[2:])]}"
-        if parts[0] == "single_blocks":
-            return f"lora_unet_single_blocks_{parts[1]}_{_INV_SINGLE['.'.join(parts[2:])]}"
-        if module in _INV_GLOBAL:
-            return f"lora_unet_{_INV_GLOBAL[module]}"
-    raise KeyError(f"no kohya name for {key}")
-
 
 def kohya_state_dict(layers: dict[str, LoRALayer], dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """kohya keys with `.alpha` = rank, so each layer's alpha / rank is 1 and every loader

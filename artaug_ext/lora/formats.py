@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ArtaugError, FileFormatError
+from ..files import check_safetensors
+
 logger = logging.getLogger(__name__)
 
 
-class LoRAFormatError(ValueError):
+class LoRAFormatError(ArtaugError, ValueError):
     """A LoRA whose keys or shapes do not fit the target."""
 
 
@@ -49,6 +52,44 @@ class LoRAPiece:
     B: torch.Tensor  # [rows, r]
     scale: float  # layer_alpha / rank (the user's alpha is applied on top)
     source: str  # the key prefix in the file, for messages
+
+    def row_range(self, out_features: int) -> tuple[int, int]:
+        """The module rows this piece writes (`rows` counts in units of in_features)."""
+        if self.rows is None:
+            return 0, out_features
+        in_f = self.A.shape[1]
+        return self.rows[0] * in_f, self.rows[1] * in_f
+
+
+def stack_pieces(pieces: list[LoRAPiece], out_features: int, alpha: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several pieces on one module as one exact (A, B): the A's stacked along rank, each
+    piece's B on its own rows and zero elsewhere, every scale (times `alpha`) folded into B,
+    so that B @ A is the sum of the pieces' updates."""
+    A = torch.cat([p.A.to(dtype) for p in pieces], dim=0)
+    B = torch.zeros(out_features, A.shape[0], dtype=dtype)
+    col = 0
+    for p in pieces:
+        lo, hi = p.row_range(out_features)
+        B[lo:hi, col:col + p.A.shape[0]] = p.B.to(dtype) * (p.scale * alpha)
+        col += p.A.shape[0]
+    return A, B
+
+
+# out_features / in_features of the fused DiffSynth modules that row pieces land in.
+FUSED_RATIO = {"attn.a_to_qkv": 3, "attn.b_to_qkv": 3, "to_qkv_mlp": 7, "final_norm_out.linear": 2}
+
+
+def module_out_features(module: str, pieces: list[LoRAPiece]) -> int:
+    """out_features of a DiffSynth module, as far as its pieces tell: a whole-module piece
+    gives it directly, row pieces on a fused module give it through the fusion ratio."""
+    whole = [p for p in pieces if p.rows is None]
+    if whole:
+        return whole[0].B.shape[0]
+    suffix = next((s for s in FUSED_RATIO if module.endswith(s)), None)
+    if suffix is None:
+        raise LoRAFormatError(f"{module}: row pieces on a module that is not a fused projection")
+    return FUSED_RATIO[suffix] * pieces[0].A.shape[1]
 
 
 @dataclass
@@ -259,18 +300,30 @@ def _map_kohya_unet(rest: str):
 
 # --- reading ----------------------------------------------------------------------------
 
+_LORA_FIX = "give a LoRA in .safetensors (or a PEFT folder); re-download or re-export a truncated file"
+
+
 def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) from a state dict, a .safetensors/.pt file or a PEFT folder.
-    A state dict given by the caller is never modified."""
+    A state dict given by the caller is never modified. A file that is truncated, empty, not
+    a LoRA file or a pickle with more than tensors raises FileFormatError naming it."""
     if isinstance(source, dict):
         return dict(source), {}
     path = os.fspath(source)
     meta: dict = {}
+    if not os.path.exists(path):
+        raise FileFormatError(path, "no such file or folder", "check the path")
     if os.path.isdir(path):
         cfg = os.path.join(path, "adapter_config.json")
         if os.path.exists(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                meta["peft_config"] = json.load(f)
+            try:
+                with open(cfg, encoding="utf-8") as f:
+                    meta["peft_config"] = json.load(f)
+            except UnicodeDecodeError:
+                raise FileFormatError(cfg, "not UTF-8 text", "restore the PEFT adapter_config.json") from None
+            except ValueError as e:
+                raise FileFormatError(f"{cfg}:{getattr(e, 'lineno', '?')}", f"not valid JSON ({e})",
+                                      "restore the PEFT adapter_config.json") from None
         for name in ("adapter_model.safetensors", "adapter_model.bin"):
             if os.path.exists(os.path.join(path, name)):
                 path = os.path.join(path, name)
@@ -278,16 +331,31 @@ def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if len(files) != 1:
-                raise FileNotFoundError(f"{source}: expected adapter_model.safetensors or exactly one .safetensors file, found {files}")
+                raise FileFormatError(path, f"a folder with {len(files)} .safetensors files and no adapter_model file",
+                                      "give the LoRA file itself, or a PEFT folder")
             path = os.path.join(path, files[0])
-    if path.endswith(".safetensors"):
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if not magic:
+        raise FileFormatError(path, "the file is empty", _LORA_FIX)
+    if not path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        check_safetensors(path, _LORA_FIX)
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             meta.update(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle and zip errors of many types; the file is what is wrong
+            raise FileFormatError(path, f"not a tensor-only torch file ({type(e).__name__}); pickles are read with "
+                                  "weights_only=True, so one holding other objects is refused",
+                                  "convert it to .safetensors with a tool you trust") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise FileFormatError(path, "does not hold a dict of tensors", _LORA_FIX)
+    if not sd:
+        raise FileFormatError(path, "holds no tensors", _LORA_FIX)
     return sd, meta
 
 
@@ -365,3 +433,31 @@ def parse_lora(state_dict: dict[str, torch.Tensor], metadata: dict | None = None
             parsed.pieces.append(LoRAPiece(component, module, rows, A, B, scale, base))
     parsed.unmapped = sorted(unmapped)
     return parsed
+
+
+# --- writing kohya names ----------------------------------------------------------------
+
+_INV_DOUBLE = {v: k for k, v in _KOHYA_DOUBLE.items()}
+_INV_SINGLE = {v: k for k, v in _KOHYA_SINGLE.items()}
+_INV_GLOBAL = {v: k for k, v in _KOHYA_GLOBAL.items()}
+_INV_CLIP = {v: k for k, v in _CLIP.items()}
+_INV_T5 = {v: k for k, v in _T5.items()}
+
+
+def kohya_name(key: str) -> str:
+    """"dit:blocks.0.attn.a_to_qkv" -> "lora_unet_double_blocks_0_img_attn_qkv". T5 layers get
+    kohya's FLUX prefix `lora_te3_` (what sd-scripts' lora_flux writes and ComfyUI reads)."""
+    comp, module = key.split(":", 1)
+    parts = module.split(".")
+    if comp == "te1" and parts[0] == "encoders":
+        return f"lora_te1_text_model_encoder_layers_{parts[1]}_{_INV_CLIP['.'.join(parts[2:])]}"
+    if comp == "te2" and parts[:2] == ["encoder", "block"] and ".".join(parts[3:]) in _INV_T5:
+        return f"lora_te3_encoder_block_{parts[2]}_{_INV_T5['.'.join(parts[3:])]}"
+    if comp == "dit":
+        if parts[0] == "blocks":
+            return f"lora_unet_double_blocks_{parts[1]}_{_INV_DOUBLE['.'.join(parts[2:])]}"
+        if parts[0] == "single_blocks":
+            return f"lora_unet_single_blocks_{parts[1]}_{_INV_SINGLE['.'.join(parts[2:])]}"
+        if module in _INV_GLOBAL:
+            return f"lora_unet_{_INV_GLOBAL[module]}"
+    raise KeyError(f"no kohya name for {key}")

@@ -2,47 +2,68 @@
 
 Merging goes through `artaug_kernels.lora_merge_grouped_` (fp32 accumulation, one rounding).
 Before a layer is touched its weight is copied to the host, so `unload_lora` restores it
-bit for bit (LIFO), and a merge that overflows to Inf is rolled back. Layers wrapped by
-DiffSynth's VRAM management (FP8 storage included) cannot absorb a merge: they get the
-LoRA through DiffSynth's hot-loading lists instead (with a warning).
+bit for bit, and a merge that produces NaN or Inf is rolled back and named. The undo record
+(a `LoRAHandle`) is owned by the call's result and also by every module it touched, so it
+works whatever object is later passed to `unload_lora` (the pipeline or its DiT), and a load
+that fails or is interrupted half-way leaves the weights as they were. Layers wrapped by
+DiffSynth's VRAM management (FP8 storage included) cannot absorb a merge: they get the LoRA
+through DiffSynth's hot-loading lists instead (with a warning).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from artaug_kernels.lora_merge import LoRAMergeOverflowError, lora_merge_grouped_
 from tqdm.auto import tqdm
 
-from .formats import LoRAFormatError, LoRAPiece, parse_lora, read_lora
+from ..errors import NonFiniteError, UsageError
+from .formats import LoRAFormatError, LoRAPiece, parse_lora, read_lora, stack_pieces
 
 logger = logging.getLogger(__name__)
 
 _MERGEABLE = (torch.float32, torch.float16, torch.bfloat16)
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _IDS = itertools.count(1)
 _BATCH = 32  # layers per grouped call on CPU (progress bar granularity)
+# Attribute of a module holding the handles of the LoRAs merged or hot-loaded into it, oldest first.
+_STACK_ATTR = "_artaug_lora_handles"
 
 
-@dataclass
+class LoRAMergeError(NonFiniteError, LoRAMergeOverflowError):
+    """A merge produced NaN or Inf; `layers` names them ("component:module"). Unlike the raw
+    kernel's error, `load_lora` has restored every weight before raising this."""
+
+    def __init__(self, layers: list[str], message: str):
+        Exception.__init__(self, message)
+        self.layers = list(layers)
+
+
+@dataclass(eq=False)
 class LoRAHandle:
     """Undo record of one `load_lora` call: host copies of every merged weight, and the
-    entries appended to hot-loaded layers."""
+    entries appended to hot-loaded layers. `active` is False once undone."""
 
     id: int
     name: str
     backups: list = field(default_factory=list)  # (module, host tensor)
     hot: list = field(default_factory=list)  # (module, lora_A, lora_B)
+    active: bool = True
 
     @property
     def restore_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.backups)
+
+    def modules(self) -> list[torch.nn.Module]:
+        seen = {}
+        for m, *_ in self.backups + self.hot:
+            seen.setdefault(id(m), m)
+        return list(seen.values())
 
 
 @dataclass
@@ -105,12 +126,14 @@ def _resolve_source(lora):
         sd, meta = read_lora(lora)
         return sd, meta, os.fspath(lora)
     if isinstance(lora, str):
-        from artaug_ext.hub import CATALOGUE, catalogue_lookup, resolve_model_files
+        from artaug_ext.cards import hub_lookup, known_names
+        from artaug_ext.hub import resolve_model_files
 
-        if catalogue_lookup(lora) is None:
-            raise FileNotFoundError(f"LoRA {lora!r}: no such file or folder, and not a model we know by id "
-                                    f"({', '.join(sorted(CATALOGUE))})")
-        files = resolve_model_files(lora)
+        entry = hub_lookup(lora)
+        if entry is None or entry.kind != "lora":
+            raise LoRAFormatError(f"LoRA {lora!r}: no such file or folder, and not a LoRA we know by name "
+                                  f"({', '.join(known_names('lora'))})")
+        files = resolve_model_files(entry)
         paths = files.get("lora") or [p for ps in files.values() for p in ps]
         if not paths:
             raise FileNotFoundError(f"hub entry {lora!r} resolved to no files")
@@ -140,6 +163,8 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
     always raises. Returns a report whose handle `unload_lora` uses to undo the merge.
     """
     t0 = time.perf_counter()
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise UsageError(f"LoRA strength alpha={alpha!r} must be a finite number")
     state_dict, meta, name = _resolve_source(lora)
     parsed = parse_lora(state_dict, meta)
     comps = _components(target)
@@ -163,7 +188,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
         if weight.dim() != 2:
             raise LoRAFormatError(f"{p.module}: weight has shape {tuple(weight.shape)}; only linear layers take a LoRA")
         out_f, in_f = weight.shape
-        lo, hi = (0, out_f) if p.rows is None else (p.rows[0] * in_f, p.rows[1] * in_f)
+        lo, hi = p.row_range(out_f) if p.A.shape[1] == in_f else (0, out_f)
         want_b, want_a = (hi - lo, p.A.shape[0]), (p.A.shape[0], in_f)
         if hi > out_f or tuple(p.B.shape) != want_b or tuple(p.A.shape) != want_a:
             raise LoRAFormatError(
@@ -186,9 +211,15 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
                               f"({len(state_dict)} keys; formats seen: {sorted(parsed.formats) or 'none'})")
 
     handle = LoRAHandle(id=next(_IDS), name=name)
-    merged = _merge(named, _row_groups(named, merge_groups, alpha), handle)
-    hotloaded = _hotload(named, hot_groups, alpha, handle)
-    _STACKS.setdefault(target, []).append(handle)
+    try:
+        merged = _merge(named, _row_groups(named, merge_groups, alpha), handle)
+        hotloaded = _hotload(named, hot_groups, alpha, handle)
+        for module in handle.modules():
+            module.__dict__.setdefault(_STACK_ATTR, []).append(handle)
+    except BaseException:
+        # Anything after the first write (a failed hot-load, KeyboardInterrupt): undo it all.
+        _restore(handle)
+        raise
     report = LoRAReport(merged=merged, hotloaded=hotloaded, skipped=skipped, unmapped=unmapped,
                         seconds=time.perf_counter() - t0, handle=handle, restore_bytes=handle.restore_bytes,
                         formats=sorted(parsed.formats))
@@ -211,10 +242,8 @@ def _row_groups(named, groups, alpha) -> dict[tuple, list]:
                 out.setdefault((comp, mod, lo, hi), []).append((p.A, p.B, p.scale * alpha))
             continue
         rows = named[comp][mod].weight.shape[0]
-        for lo, hi, p in pieces:
-            b = torch.zeros(rows, p.B.shape[1], dtype=torch.float32)
-            b[lo:hi] = p.B.float()
-            out.setdefault((comp, mod, 0, rows), []).append((p.A, b, p.scale * alpha))
+        a, b = stack_pieces([p for _, _, p in pieces], rows, alpha)
+        out[(comp, mod, 0, rows)] = [(a, b, 1.0)]
     return out
 
 
@@ -243,13 +272,11 @@ def _merge(named, groups, handle) -> list[str]:
                 lora_merge_grouped_(weights, factors)
     except LoRAMergeOverflowError as e:
         _restore(handle)
-        bad = [f"{k[0]}:{k[1]}" for k, _ in items[i:i + batch]]
-        bad = [bad[j] for j in e.layers]
-        raise LoRAMergeOverflowError(e.layers, f"merging the LoRA overflowed to Inf in {_summarise(bad)}; "
-                                               "all weights were restored") from None
-    except Exception:
-        _restore(handle)
-        raise
+        names = [f"{k[0]}:{k[1]}" for k, _ in items[i:i + batch]]
+        bad = sorted({names[j] for j in e.layers})
+        raise LoRAMergeError(bad, f"merging the LoRA {handle.name} gave NaN or Inf in {len(bad)} layer(s): "
+                                  f"{_summarise(bad)}; every weight was restored. Fix: lower the LoRA's alpha, "
+                                  "or check the file (its factors are too large for this dtype)") from None
     return sorted({f"{comp}:{mod}" for comp, mod, _, _ in groups})
 
 
@@ -266,15 +293,7 @@ def _hotload(named, groups, alpha, handle) -> list[str]:
     done = []
     for (comp, mod), pieces in groups.items():
         module = named[comp][mod]
-        out_f, in_f = module.weight.shape
-        r = sum(p.A.shape[0] for p in pieces)
-        a = torch.cat([p.A.float() * (p.scale * alpha) for p in pieces], dim=0)
-        b = torch.zeros(out_f, r, dtype=torch.float32)
-        c = 0
-        for p in pieces:
-            lo = 0 if p.rows is None else p.rows[0] * in_f
-            b[lo:lo + p.B.shape[0], c:c + p.A.shape[0]] = p.B.float()
-            c += p.A.shape[0]
+        a, b = stack_pieces(pieces, module.weight.shape[0], alpha)
         if not hasattr(module, "lora_A_weights"):
             module.lora_A_weights, module.lora_B_weights = [], []
         module.lora_A_weights.append(a)
@@ -285,48 +304,67 @@ def _hotload(named, groups, alpha, handle) -> list[str]:
 
 
 def _restore(handle: LoRAHandle) -> None:
+    """Put back every weight and hot-load list the handle touched (idempotent)."""
     with torch.no_grad():
         for module, saved in handle.backups:
             module.weight.data.copy_(saved)
     for module, a, b in handle.hot:
         module.lora_A_weights[:] = [t for t in module.lora_A_weights if t is not a]
         module.lora_B_weights[:] = [t for t in module.lora_B_weights if t is not b]
+    for module in handle.modules():
+        stack = module.__dict__.get(_STACK_ATTR, [])
+        if handle in stack:
+            stack.remove(handle)
+    handle.active = False
+
+
+def loaded_loras(target) -> list[LoRAHandle]:
+    """Handles of the LoRAs loaded into any module of `target` (a pipeline or a module), oldest first."""
+    found = {}
+    for comp in _components(target).values():
+        for module in comp.modules():
+            for h in module.__dict__.get(_STACK_ATTR, []):
+                found[h.id] = h
+    return [found[i] for i in sorted(found)]
 
 
 def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None) -> int:
     """Undo `load_lora` bit-exactly. Without a handle, every LoRA loaded into `target` is
-    undone (last first); with one, it must be the most recent (LIFO). Returns how many
-    loads were undone."""
-    stack = _STACKS.get(target, [])
+    undone (last first); with one, it must be the newest LoRA on every layer it touched
+    (LIFO), and `target` may be the pipeline or the module it was loaded through. Returns
+    how many loads were undone."""
     if isinstance(handle, LoRAReport):
         handle = handle.handle
     if handle is None:
-        n = len(stack)
-        while stack:
-            _restore(stack.pop())
-        return n
-    if handle not in stack:
-        raise ValueError(f"LoRA handle {handle.id} ({handle.name}) is not loaded in this target")
-    if stack[-1] is not handle:
-        later = [h.name for h in stack[stack.index(handle) + 1:]]
-        raise ValueError(f"unload in LIFO order: {len(later)} LoRA(s) were loaded after this one ({_summarise(later, 4)})")
-    _restore(stack.pop())
+        handles = loaded_loras(target)
+        for h in reversed(handles):
+            _restore(h)
+        return len(handles)
+    if not handle.active:
+        raise ValueError(f"LoRA handle {handle.id} ({handle.name}) was already unloaded")
+    later = {}
+    for module in handle.modules():
+        stack = module.__dict__.get(_STACK_ATTR, [])
+        for h in stack[stack.index(handle) + 1:] if handle in stack else []:
+            later[h.id] = h.name
+    if later:
+        names = [later[i] for i in sorted(later)]
+        raise ValueError(f"unload in LIFO order: {len(names)} LoRA(s) were loaded on the same layers after this one "
+                         f"({_summarise(names, 4)})")
+    _restore(handle)
     return 1
-
-
-_ARTAUG_KEYS = {"flux-dev": "artaug", "kontext": "artaug-kontext"}
 
 
 def load_artaug(pipe, alpha: float = 1.0, variant: str = "flux-dev", model_dir: str | None = None,
                 *, strict: bool = True) -> LoRAReport:
     """Resolve the released ArtAug LoRA (ModelScope DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1, or
     FLUX.1-Kontext-dev-lora-ArtAug for variant="kontext") through the hub layer and merge it."""
-    if variant not in _ARTAUG_KEYS:
-        raise ValueError(f"variant must be one of {sorted(_ARTAUG_KEYS)}, got {variant!r}")
+    from artaug_ext.cards import artaug_lora
     from artaug_ext.hub import resolve_model_files
 
-    files = resolve_model_files(_ARTAUG_KEYS[variant], model_dir)
+    entry = artaug_lora(variant)
+    files = resolve_model_files(entry, model_dir)
     paths = [p for p in files.get("lora", []) if p.endswith(".safetensors")] or files.get("lora", [])
     if not paths:
-        raise FileNotFoundError(f"the hub entry {_ARTAUG_KEYS[variant]!r} has no 'lora' file")
+        raise LoRAFormatError(f"the hub entry {entry.name!r} has no 'lora' file")
     return load_lora(pipe, paths[0], alpha, strict=strict)

@@ -17,6 +17,7 @@ renamed into place), so concurrent or interrupted runs never leave a half-writte
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from ..files import sha256_file
+from ..errors import RunLockedError
+from ..files import FolderLock, sha256_file
 from . import layout
 from .models import (
     TinyFluxDiT,
@@ -77,6 +79,8 @@ def model_folder(spec: TinyFluxSpec, root: str) -> str:
 
 
 def is_complete(folder: str) -> bool:
+    """The marker is there and every file it lists has the sha256 it recorded (the files are
+    small, so a truncated or overwritten file is found here rather than inside DiffSynth)."""
     marker = os.path.join(folder, MARKER)
     if not os.path.isfile(marker):
         return False
@@ -85,9 +89,15 @@ def is_complete(folder: str) -> bool:
             info = json.load(f)
     except (OSError, ValueError):
         return False
-    return info.get("format_version") == FORMAT_VERSION and all(
-        os.path.exists(os.path.join(folder, rel)) for rel in FILES.values()
-    )
+    if info.get("format_version") != FORMAT_VERSION or not all(
+            os.path.exists(os.path.join(folder, rel)) for rel in FILES.values()):
+        return False
+    for role, digest in info.get("files", {}).items():
+        path = os.path.join(folder, FILES[role])
+        if not os.path.isfile(path) or sha256_file(path) != digest:
+            logger.warning("%s does not match what was built (truncated or changed): rebuilding the model", path)
+            return False
+    return True
 
 
 def _read_json(path: str):
@@ -124,33 +134,48 @@ def write_model_files(spec: TinyFluxSpec, folder: str, state_dicts: dict[str, di
 
 
 def ensure_tiny_model(spec: TinyFluxSpec, root: str) -> str:
-    """Return the folder of `spec`'s files under `root`, building them first if needed."""
+    """Return the folder of `spec`'s files under `root`, building them first if needed (also
+    when a file in it is corrupt). Builders take a lock beside the folder, so concurrent
+    builders wait for one another, and temporary folders left by a killed build are removed."""
     folder = model_folder(spec, root)
-    if is_complete(folder) and _matches_assets(spec, folder):
-        return folder
     parent = os.path.dirname(folder)
+    lock = FolderLock(parent, f".{spec.name}.build.lock", what="tiny model build folder")
+    if is_complete(folder) and _matches_assets(spec, folder):
+        if glob.glob(os.path.join(parent, f".{spec.name}.tmp-*")) and os.access(parent, os.W_OK):
+            try:
+                with lock:  # not waiting: a live build holds it, and its folder is not stale
+                    _remove_stale_builds(spec, parent)
+            except RunLockedError:
+                pass
+        return folder
     os.makedirs(parent, exist_ok=True)
-    logger.info("Building the tiny model %r in %s (once)", spec.name, folder)
-    tmp = tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent)
-    try:
-        if spec.weights_from:
-            states = load_asset_state_dicts(spec.weights_from)  # trained weights shipped in the package
-        else:
-            states = file_state_dicts(build_modules(spec))
-        write_model_files(spec, tmp, states)
-        if os.path.exists(folder):
-            # An incomplete folder from an interrupted older build (or stale trained weights): replace it.
-            if is_complete(folder) and _matches_assets(spec, folder):
-                return folder
-            shutil.rmtree(folder, ignore_errors=True)
+    with lock.acquire(wait=True):
+        if is_complete(folder) and _matches_assets(spec, folder):  # built while we waited
+            return folder
+        _remove_stale_builds(spec, parent)
+        logger.info("Building the tiny model %r in %s (once)", spec.name, folder)
+        tmp = tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent)
         try:
+            if spec.weights_from:
+                states = load_asset_state_dicts(spec.weights_from)  # trained weights shipped in the package
+            else:
+                states = file_state_dicts(build_modules(spec))
+            write_model_files(spec, tmp, states)
+            if os.path.exists(folder):
+                # An incomplete or corrupt folder (an interrupted older build, stale trained weights): replace it.
+                shutil.rmtree(folder, ignore_errors=True)
             os.rename(tmp, folder)
-        except OSError:
-            if not is_complete(folder):  # lost a race to a broken writer: surface it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _remove_stale_builds(spec: TinyFluxSpec, parent: str) -> None:
+    """Temporary folders of killed builds (call with the build lock held: every live builder
+    holds it while its temporary folder exists, so the ones found now are stale)."""
+    for stale in glob.glob(os.path.join(parent, f".{spec.name}.tmp-*")):
+        logger.info("removing %s, left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _matches_assets(spec: TinyFluxSpec, folder: str) -> bool:

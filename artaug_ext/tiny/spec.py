@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..cards import card, known_names
+from ..errors import UsageError
+
 # Text encoders' embedding tables are sized above both tokenizers' vocabularies
 # (checked when the model is built), so the tokenizers can grow without changing shapes.
 TEXT_VOCAB = 2048
@@ -19,9 +22,6 @@ class TinyFluxSpec:
     t5: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     seed: int = 0
-    t5_sequence_length: int = 32
-    default_steps: int = 8
-    default_size: int = 256
     description: str = ""
     # Package asset folder (artaug_ext/assets/<weights_from>/) holding trained weights in the
     # FLUX.1-dev file layout; None: deterministic random weights from `seed`.
@@ -56,19 +56,17 @@ TINY_V2 = TinyFluxSpec(
     t5=dict(TINY_RANDOM.t5),
     vae=dict(channels=(32, 64, 64, 64)),
     seed=0,
-    default_steps=8,
-    default_size=256,
     description="FLUX.1 architecture at CPU size trained on procedural scenes: draws simple shapes from captions.",
     weights_from="tiny",
 )
 
 SPECS: dict[str, TinyFluxSpec] = {TINY_RANDOM.name: TINY_RANDOM, TINY_V2.name: TINY_V2}
-# `tiny` is the trained model; `tiny-random` stays the untrained one (fast unit tests).
-ALIASES: dict[str, str] = {"tiny": "tiny-v2"}
 
 
 def get_spec(name: str) -> TinyFluxSpec:
-    name = ALIASES.get(name, name)
-    if name not in SPECS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(set(SPECS) | set(ALIASES))}")
-    return SPECS[name]
+    """The spec of a tiny model by card name or alias (`tiny` is the trained model)."""
+    c = card(name)
+    if c.tiny_spec is None:
+        raise UsageError(f"{name!r} is not an embedded tiny model; tiny models: "
+                         f"{', '.join(n for n in known_names('base') if card(n).is_tiny)}")
+    return SPECS[c.tiny_spec]

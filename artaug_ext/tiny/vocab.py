@@ -6,8 +6,9 @@ Every character of printable ASCII is in both tokenizers' alphabets, so any Engl
 tokenizes without `<unk>`; the words below just become single tokens.
 """
 
-COLORS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "pink", "brown",
-          "gray", "grey", "cyan", "magenta", "teal", "gold", "silver"]
+from ..colours import COLOURS, OTHER_COLOUR_WORDS
+
+COLORS = list(COLOURS) + OTHER_COLOUR_WORDS
 SHADES = ["dark", "light", "pale", "deep", "bright", "vivid", "muted", "soft", "warm", "cool"]
 SHAPES = ["circle", "circles", "square", "squares", "triangle", "triangles", "star", "stars",
           "shape", "shapes", "object", "objects", "disc", "box", "dot"]

@@ -1,0 +1,1 @@
+"""Evaluation like the ArtAug paper's table: prompt sets, statistics, scoring, report."""

@@ -1,0 +1,345 @@
+"""Prompt sets for `artaug eval`: the shipped default set, the tiny model's held-out scenes, and
+the prompt files of public benchmarks, all read into one list of `PromptItem`.
+
+A set is named (`PROMPT_SETS`) or is a file path. Files are recognised by their extension (or, for
+another extension, by their first line):
+
+    .json   HPSv2 benchmark: a list of prompts (category = file name, e.g. anime.json -> anime),
+            or an object {style: [prompts]} (category = style)
+    .jsonl  GenEval metadata: one object a line with "prompt" (category = its "tag"), or any
+            {"prompt": ..., "category": ...} lines
+    .tsv    PartiPrompts (Prompt, Category, Challenge, Note columns) or our own (prompt, category)
+    .csv    DrawBench (Prompts, Category columns; any case), or prompt/category columns
+    .txt    T2I-CompBench: one prompt a line (category = file name less _val/_train);
+            blank lines and lines starting with # are skipped
+
+A prompt without a category gets the file's name as its category. Every problem is raised
+before any image is generated, as one line naming the file (and line) and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+
+from ..errors import FileFormatError, UsageError
+from ..files import read_text_lines
+
+logger = logging.getLogger(__name__)
+
+PROMPT_SETS = ("default", "default/train", "default/test", "tiny-heldout", "tiny-heldout-lit")
+# default/test is every 5th prompt of the default set (60), default/train the other 240: a recipe
+# trains on one and evaluates on the other, never on a prompt it learned from.
+TEST_EVERY = 5
+# The lighting of tiny-heldout-lit's scenes, in turn: the conditions the heuristic critic fixes, and normal light.
+HELDOUT_LIGHTINGS = ("dim", "overexposed", "backlit", "bright", "normal")
+# Scenes in the `tiny-heldout` set (`tiny-heldout:N` asks for another number).
+TINY_HELDOUT_SIZE = 256
+# The shipped default set, inside the `artaug_ext` package.
+DEFAULT_SET_RESOURCE = "assets/prompts/default.tsv"
+
+FORMATS = (
+    ".json (HPSv2 benchmark: a list of prompts, or {style: [prompts]})",
+    '.jsonl (GenEval metadata, or one {"prompt": ...} object a line)',
+    ".tsv (PartiPrompts, or a prompt<TAB>category header)",
+    ".csv (DrawBench: a Prompts or prompt column, optional Category)",
+    ".txt (T2I-CompBench: one prompt a line)",
+)
+
+# Header names of the prompt and category columns in TSV/CSV files (compared in lower case).
+PROMPT_COLUMNS = ("prompt", "prompts")
+CATEGORY_COLUMN = "category"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One evaluation prompt. `scene` is the tiny model's ground truth (an `artaug_ext.scenes.Scene`)
+    for the `tiny-heldout` set, None for text prompt sets; it takes no part in == or hash."""
+
+    prompt: str
+    category: str = ""
+    scene: object | None = field(default=None, compare=False, repr=False)
+
+
+def read_prompt_set(spec: str, limit: int | None = None, seed: int = 0) -> list[PromptItem]:
+    """The prompts of a named set or a prompt file, all of them or a sample of `limit`.
+
+    The sample is the same for the same (set, limit, seed) and keeps file order, so two runs of
+    `artaug eval` with the same arguments score the same prompts."""
+    check_limit(limit)
+    spec = str(spec)
+    name, _, count = spec.partition(":")
+    if name in PROMPT_SETS and (not count or name.startswith("tiny-heldout")):
+        if name.startswith("default"):
+            items = read_default_set()
+            if name != "default":
+                test = name == "default/test"
+                items = [it for i, it in enumerate(items) if (i % TEST_EVERY == TEST_EVERY - 1) == test]
+        else:
+            items = read_tiny_heldout(_scene_count(spec, count), lit=name == "tiny-heldout-lit")
+    elif os.path.isdir(spec):
+        raise UsageError(f"prompt set {spec}: a folder, not a prompt file; name one file in it")
+    elif os.path.isfile(spec):
+        items = read_prompt_file(spec)
+    elif os.sep not in spec and "/" not in spec and not os.path.splitext(spec)[1]:
+        raise UsageError(f"unknown prompt set {spec!r} (and no such file): the named sets are "
+                         f"{', '.join(PROMPT_SETS)} (or tiny-heldout:N); anything else must be a prompt file")
+    else:
+        raise UsageError(f"prompt file {spec}: no such file")
+    return sample_prompts(items, limit, seed)
+
+
+def check_limit(limit: int | None) -> None:
+    """Refuse a bad `limit` before any file is read."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise UsageError(f"limit {limit!r}: give a whole number of prompts of at least 1, or no limit for all")
+
+
+def sample_prompts(items: list[PromptItem], limit: int | None, seed: int = 0) -> list[PromptItem]:
+    """`limit` items drawn with `random.Random(seed)`, back in their original order (all if None
+    or `limit` >= len(items)). Categories are represented as the sample falls, not stratified."""
+    check_limit(limit)
+    if limit is None or limit >= len(items):
+        return list(items)
+    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in picked]
+
+
+def read_default_set() -> list[PromptItem]:
+    """The 300 prompts shipped with the package, 12 categories (read from the installed package,
+    so it works from a wheel as well as from a checkout)."""
+    ref = resources.files("artaug_ext").joinpath(DEFAULT_SET_RESOURCE)
+    with resources.as_file(ref) as path:
+        return read_prompt_file(str(path))
+
+
+def _scene_count(spec: str, count: str) -> int:
+    if not count:
+        return TINY_HELDOUT_SIZE
+    try:
+        n = int(count)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise UsageError(f"prompt set {spec!r}: after 'tiny-heldout:' give a number of scenes of at least 1, "
+                         f"e.g. tiny-heldout:64")
+    return n
+
+
+def read_tiny_heldout(count: int = TINY_HELDOUT_SIZE, lit: bool = False) -> list[PromptItem]:
+    """Captions of the scenes held out of the tiny model's training (`scenes.held_out_scene`), so
+    the tiny model is scored on prompts it has never seen; category = the main object's shape.
+    `lit`: the scenes in turn under each of HELDOUT_LIGHTINGS, with its words in the caption
+    (category = the lighting): held-out prompts for what the heuristic critic corrects."""
+    from ..scenes import held_out_scene  # scenes imports numpy; text prompt files do not need it
+
+    items = []
+    for i in range(count):
+        if lit:
+            lighting = HELDOUT_LIGHTINGS[i % len(HELDOUT_LIGHTINGS)]
+            scene = held_out_scene(i, lighting)
+            items.append(PromptItem(scene.caption, lighting, scene))
+        else:
+            scene = held_out_scene(i)
+            items.append(PromptItem(scene.caption, scene.main.shape, scene))
+    return items
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def read_prompt_file(path: str) -> list[PromptItem]:
+    """Every prompt of one file in a known format (see the module docstring)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path}: no such file")
+    kind, lines = _detect_format(path)
+    if not any(line.strip() for line in lines):
+        raise FileFormatError(path, "the prompt file is empty", "put prompts in it, or name another file")
+    items = _READERS[kind](path, lines)
+    if not items:
+        raise FileFormatError(path, "no prompts in this file", "put prompts in it, or name another file")
+    logger.info("read %d prompts in %d categories from %s (%s)", len(items), len({i.category for i in items}),
+                path, kind)
+    return items
+
+
+def _unknown_format(path: str) -> FileFormatError:
+    return FileFormatError(path, "not a prompt file in a format we read", "use one of " + "; ".join(FORMATS))
+
+
+def _detect_format(path: str) -> tuple[str, list[str]]:
+    """(the file's kind, its lines): by extension, else by the first non-blank line, so a prompt file
+    saved with another extension is still read when its content is unambiguous."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _READERS:
+        return ext, read_text_lines(path, "prompt file")
+    try:
+        lines = read_text_lines(path, "prompt file")
+    except FileFormatError:
+        raise _unknown_format(path) from None  # not text: an image, an archive, a parquet file ...
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("["):
+        return ".json", lines
+    if first.startswith("{"):
+        try:
+            whole = json.loads("\n".join(lines))
+        except json.JSONDecodeError:
+            return ".jsonl", lines
+        return (".json" if isinstance(whole, dict) and "prompt" not in whole else ".jsonl"), lines
+    if _prompt_column([c.strip().lower() for c in first.split("\t")]) is not None:
+        return ".tsv", lines
+    header = next(csv.reader([first]), [])
+    if _prompt_column([c.strip().lower() for c in header]) is not None:
+        return ".csv", lines
+    raise _unknown_format(path)
+
+
+def _file_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _clean(text: str) -> str:
+    """One line, single spaces: prompts go into one-line records and reports."""
+    return " ".join(text.split())
+
+
+def _collect(path: str, pairs: list[tuple[str, str]], default_category: str) -> list[PromptItem]:
+    """PromptItems of (prompt, category) pairs; empty prompts are dropped (with a warning), an
+    empty category becomes `default_category`."""
+    items = [PromptItem(_clean(p), _clean(c) or default_category) for p, c in pairs if _clean(p)]
+    if len(items) < len(pairs):
+        logger.warning("%s: skipped %d empty prompts", path, len(pairs) - len(items))
+    return items
+
+
+def _read_hpsv2_json(path: str, lines: list[str]) -> list[PromptItem]:
+    """HPSv2's benchmark ships one JSON list of prompt strings per style (anime.json, photo.json, ...);
+    an object {style: [prompts]} holds several styles in one file."""
+    try:
+        data = json.loads("\n".join(lines))
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}:{e.lineno}", f"not valid JSON at line {e.lineno} column {e.colno} ({e.msg})",
+                              "fix that line; a file with one JSON object a line must be named .jsonl") from None
+    if isinstance(data, list):
+        groups = [(_file_name(path), data)]
+    elif isinstance(data, dict):
+        groups = list(data.items())
+    else:
+        raise FileFormatError(path, f"a JSON {type(data).__name__}, not a list of prompts or {{style: [prompts]}}",
+                              "write a JSON list of prompt strings")
+    pairs = []
+    for category, prompts in groups:
+        where = "the list" if isinstance(data, list) else f"style {category!r}"
+        if not isinstance(prompts, list):
+            raise FileFormatError(path, f"{where} is a JSON {type(prompts).__name__}, not a list of prompts",
+                                  "give each style a list of prompt strings")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise FileFormatError(path, f"item {i} of {where} is a JSON {type(prompt).__name__}, not a prompt string",
+                                      'make every item a string (for objects use .jsonl, one {"prompt": ...} a line)')
+            pairs.append((prompt, str(category)))
+    return _collect(path, pairs, _file_name(path))
+
+
+def _read_jsonl(path: str, lines: list[str]) -> list[PromptItem]:
+    """GenEval's evaluation_metadata.jsonl has one object a line with "prompt" and "tag" (the skill
+    it tests: counting, colors, position ...); plain {"prompt": ...} lines are read the same way."""
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileFormatError(f"{path}:{n}", f"line {n} is not a JSON object ({e.msg})",
+                                  'write one {"prompt": "..."} object a line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise FileFormatError(f"{path}:{n}", f'line {n} is not a JSON object with a "prompt" string',
+                                  'write one {"prompt": "..."} object a line')
+        category = record.get("tag", record.get("category"))
+        pairs.append((record["prompt"], "" if category is None else str(category)))
+    return _collect(path, pairs, _file_name(path))
+
+
+def _unquote_tsv(field_text: str) -> str:
+    """A TSV cell as written, or its content when a spreadsheet quoted it (a cell in double quotes,
+    with doubled quotes inside)."""
+    inner = field_text[1:-1]
+    if len(field_text) >= 2 and field_text[0] == field_text[-1] == '"' and '"' not in inner.replace('""', ""):
+        return inner.replace('""', '"')
+    return field_text
+
+
+def _read_tsv(path: str, lines: list[str]) -> list[PromptItem]:
+    """PartiPrompts ships a TSV with Prompt, Category, Challenge and Note columns; our default set
+    uses prompt and category. Cells are split on tabs (prompts hold quotes, not tabs)."""
+    rows = [(n, [_unquote_tsv(cell) for cell in line.split("\t")]) for n, line in enumerate(lines, 1)
+            if line.strip()]
+    return _read_table(path, rows, "\t")
+
+
+def _read_csv(path: str, lines: list[str]) -> list[PromptItem]:
+    """DrawBench ships a CSV with Prompts and Category columns; quoted cells may hold commas and
+    line breaks, so Python's csv reader parses it (line numbers are where a row ends)."""
+    reader = csv.reader(line + "\n" for line in lines)
+    rows = []
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                rows.append((reader.line_num, cells))
+    except csv.Error as e:
+        raise FileFormatError(f"{path}:{reader.line_num}", f"line {reader.line_num} is not valid CSV ({e})",
+                              "fix that line (quote cells that hold commas)") from None
+    return _read_table(path, rows, ",")
+
+
+def _prompt_column(columns: list[str]) -> int | None:
+    return next((i for i, c in enumerate(columns) if c in PROMPT_COLUMNS), None)
+
+
+def _read_table(path: str, rows: list[tuple[int, list[str]]], sep: str) -> list[PromptItem]:
+    """Prompts of a header + rows table; the header names the prompt and (optional) category columns."""
+    header_line, header = rows[0]
+    columns = [c.strip().lower() for c in header]
+    p = _prompt_column(columns)
+    if p is None:
+        found = ", ".join(repr(c.strip()) for c in header)
+        example = "prompt\\tcategory" if sep == "\t" else "prompt,category"
+        raise FileFormatError(f"{path}:{header_line}", f"no prompt column in the header (columns found: {found})",
+                              f"start the file with a header line such as {example}")
+    c = columns.index(CATEGORY_COLUMN) if CATEGORY_COLUMN in columns else None
+    pairs = []
+    for n, cells in rows[1:]:
+        if len(cells) <= p:
+            raise FileFormatError(f"{path}:{n}", f"line {n} has {len(cells)} cells, so no prompt (column {p + 1})",
+                                  "give every line the header's columns")
+        pairs.append((cells[p], cells[c] if c is not None and c < len(cells) else ""))
+    return _collect(path, pairs, _file_name(path))
+
+
+def _read_compbench_txt(path: str, lines: list[str]) -> list[PromptItem]:
+    """T2I-CompBench ships one prompt a line per skill and split (color_val.txt, spatial_train.txt ...),
+    so the category is the skill: the file name less its _val/_train suffix."""
+    category = _file_name(path)
+    for suffix in ("_val", "_train"):
+        if category.endswith(suffix) and len(category) > len(suffix):
+            category = category[: -len(suffix)]
+    pairs = [(line, category) for line in lines if line.strip() and not line.strip().startswith("#")]
+    return _collect(path, pairs, category)
+
+
+# Extension -> reader (an unknown extension is matched by content in `_detect_format`).
+_READERS = {
+    ".json": _read_hpsv2_json,
+    ".jsonl": _read_jsonl,
+    ".tsv": _read_tsv,
+    ".csv": _read_csv,
+    ".txt": _read_compbench_txt,
+}

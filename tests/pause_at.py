@@ -1,0 +1,89 @@
+"""Run `artaug ...` in this process, paused forever at a chosen point, for kill -9 tests.
+
+PAUSE_AT="event:n" pauses at the n-th `event` after writing the file PAUSE_MARKER, so the
+test knows when to SIGKILL the process. The faults are injected here, from outside the
+product: the product's own writers are wrapped (monkeypatched) in this process only.
+
+Events:
+  item      before the n-th item's original image is generated (`artaug interact`)
+  png       inside the n-th PNG write, with half of the temporary file written
+  manifest  inside the n-th manifest append, with half of the line written
+  step      inside training, after the n-th optimizer step's checkpoint-free work (`artaug run`)
+"""
+
+import os
+import sys
+import time
+
+COUNTS: dict[str, int] = {}
+
+
+def hit(event: str) -> bool:
+    name, _, count = os.environ.get("PAUSE_AT", "").partition(":")
+    if name != event:
+        return False
+    COUNTS[event] = COUNTS.get(event, 0) + 1
+    return COUNTS[event] == int(count or 1)
+
+
+def pause() -> None:
+    with open(os.environ["PAUSE_MARKER"], "w") as f:
+        f.write(os.environ["PAUSE_AT"])
+    while True:
+        time.sleep(1)
+
+
+def install() -> None:
+    from artaug_ext import files
+    from artaug_ext.interact import dataset
+
+    real_write, real_append = files.atomic_write_bytes, files.append_line
+
+    def write(path, data, shared=False):
+        if path.endswith(".png") and hit("png"):
+            tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
+            with open(tmp, "wb") as f:  # what a kill inside the real write leaves: half a temporary file
+                f.write(data[: len(data) // 2])
+            pause()
+        return real_write(path, data, shared)
+
+    def append(path, record):
+        if hit("manifest"):
+            line = files.json_line(record)
+            with open(path, "ab") as f:  # half a line, as a kill inside the append leaves it
+                f.write(line[: len(line) // 2])
+            pause()
+        return real_append(path, record)
+
+    real_original = dataset.InteractRun.generate_original
+
+    def original(self, prompt_index, image_index):
+        if hit("item"):
+            pause()
+        return real_original(self, prompt_index, image_index)
+
+    for module in (files, dataset):
+        if hasattr(module, "atomic_write_bytes"):
+            module.atomic_write_bytes = write
+        if hasattr(module, "append_line"):
+            module.append_line = append
+    dataset.InteractRun.generate_original = original
+    try:
+        from artaug_ext.train import loop
+    except ImportError:
+        return
+    real_step_hook = getattr(loop, "after_optimizer_step", None)
+    if real_step_hook is not None:
+        def step_hook(*args, **kwargs):
+            real_step_hook(*args, **kwargs)
+            if hit("step"):
+                pause()
+
+        loop.after_optimizer_step = step_hook
+
+
+if __name__ == "__main__":
+    install()
+    from artaug_ext.cli import main
+
+    sys.exit(main(sys.argv[1:]))
