@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from artaug_ext import scenes
+from artaug_ext.pipeline import t5_sequence_length
 from artaug_ext.tiny import layout
 from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxVAEDecoder, TinyFluxVAEEncoder
 from artaug_ext.tiny.spec import SPECS
@@ -124,10 +125,10 @@ class VAEPair(torch.nn.Module):
         self.decoder = TinyFluxVAEDecoder(channels=tuple(channels))
 
 
-def vae_loss(model, batch, generator, latent_noise: float = 0.1):
+def vae_loss(model, batch, rng, latent_noise: float = 0.1):
     x = to_pixels(batch["images"])
     z = model.encoder(x)
-    noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+    noise = rng.randn(*z.shape[1:]).to(z.device, z.dtype)
     y = model.decoder(z + latent_noise * noise)  # robust to the DiT's imperfect latents
     rec = (y.float() - x).abs().mean() + ((y.float() - x) ** 2).mean()
     zf = z.float()
@@ -313,11 +314,11 @@ def finetune_decoder(args, device: str) -> dict:
             crops.append(images[i, y:y + 128, x:x + 128])
         return {"images": torch.from_numpy(np.stack(crops))}
 
-    def loss(model, batch, generator):
+    def loss(model, batch, rng):
         x = to_pixels(batch["images"])
         with torch.no_grad():
             z = model.encoder(x)
-        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        noise = rng.randn(*z.shape[1:]).to(z.device, z.dtype)
         y = model.decoder(z + 0.05 * noise)
         return (y.float() - x).abs().mean() + ((y.float() - x) ** 2).mean()
 
@@ -396,11 +397,10 @@ def train_dit_with_ema(args, dit, data: dict, output_dir: str, device: str, warm
         checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time, log_every=log_every,
     )
     accelerator = make_accelerator(cfg, cpu=device == "cpu")
-    accelerator.register_for_checkpointing(ema)
 
-    def loss_fn(model, batch, generator):
+    def loss_fn(model, batch, rng):
         return objective(model, batch["latents"].float(), batch["prompt_emb"].float(),
-                         batch["pooled_prompt_emb"].float(), generator)
+                         batch["pooled_prompt_emb"].float(), rng)
 
     def get_batch(idx):
         ix = torch.tensor(idx, device=device)
@@ -417,7 +417,8 @@ def train_dit_with_ema(args, dit, data: dict, output_dir: str, device: str, warm
         if args.export_every and step % args.export_every == 0:
             export(ema)
 
-    res = train(denoiser, loss_fn, get_batch, len(data["latents"]), cfg, accelerator=accelerator, on_step=on_step)
+    res = train(denoiser, loss_fn, get_batch, len(data["latents"]), cfg, accelerator=accelerator, on_step=on_step,
+                extra_state={"ema": ema})
     export(ema)
     return res
 
@@ -438,9 +439,9 @@ def finetune_dit(args, device: str) -> dict:
     latents, captions = cached_latents(args, spec, device)
     pipe = load_pipeline(spec.name, model_dir=os.path.join(args.work_dir, "models"), device=device,
                          torch_dtype=torch.float32)
-    old_emb, _ = encode_captions(pipe, captions[:2000], spec.t5_sequence_length)
+    old_emb, _ = encode_captions(pipe, captions[:2000], t5_sequence_length(spec.name))
     pipe.text_encoder_2.attend_to_neighbours(args.t5_neighbour_bias)
-    emb, pooled = encode_captions(pipe, captions, spec.t5_sequence_length)
+    emb, pooled = encode_captions(pipe, captions, t5_sequence_length(spec.name))
     dit = pipe.dit.float().requires_grad_(True).train()
     report = {"context_refit": refit_context_embedder(dit, old_emb, emb[:2000])}
     logger.info("context embedder refit: %s", report["context_refit"])
@@ -515,7 +516,7 @@ def main(argv=None) -> int:
     if os.path.isfile(cache):
         data = torch.load(cache)
     else:
-        emb, pooled = encode_captions(text_pipe, captions, spec.t5_sequence_length)
+        emb, pooled = encode_captions(text_pipe, captions, t5_sequence_length(spec.name))
         data = {"latents": encode_images(vae.encoder, images, device), "prompt_emb": emb, "pooled_prompt_emb": pooled}
         torch.save(data, cache + ".tmp")
         os.replace(cache + ".tmp", cache)

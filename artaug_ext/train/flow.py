@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
+from ..errors import UsageError
+
+TIMESTEP_SAMPLING = ("diffsynth", "logit-normal")
+
 
 class FluxDenoiser(torch.nn.Module):
     """A FLUX DiT called through DiffSynth's `model_fn_flux_image`, as one module.
@@ -34,34 +38,55 @@ class FlowMatchObjective:
 
     Same arithmetic as `diffsynth.diffusion.loss.FlowMatchSFTLoss`, but with one timestep
     per sample (DiffSynth draws one per batch of one): x_t = (1 - s) x_0 + s n (the
-    scheduler's `add_noise`), target n - x_0 (`training_target`), weight
-    `linear_timesteps_weights` (or uniform).
+    scheduler's `add_noise`), target n - x_0 (`training_target`). Timestep sampling:
+
+    - "diffsynth": uniform over the scheduler's 1000 training timesteps (FLUX.1's shifted
+      schedule), each loss weighted by `linear_timesteps_weights` (or uniformly);
+    - "logit-normal": s = sigmoid(mean + std * N(0, 1)), the SD3 paper's sampling that
+      ai-toolkit and kohya offer as "sigmoid"; unweighted (the density already favours the
+      middle of the schedule).
+
+    Each sample's timestep and noise come from its own generator (`SampleRandom`).
     """
 
     def __init__(self, template: str = "FLUX.1", weighting: str = "diffsynth", guidance: float = 3.5,
-                 shift: float | None = None):
+                 shift: float | None = None, sampling: str = "diffsynth", logit_mean: float = 0.0,
+                 logit_std: float = 1.0):
         if weighting not in ("diffsynth", "uniform"):
-            raise ValueError(f"weighting must be 'diffsynth' or 'uniform', not {weighting!r}")
+            raise UsageError(f"weighting must be 'diffsynth' or 'uniform', not {weighting!r}")
+        if sampling not in TIMESTEP_SAMPLING:
+            raise UsageError(f"timestep sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, not {sampling!r}")
         self.scheduler = FlowMatchScheduler(template)
         kwargs = {} if shift is None else {"shift": shift}
         self.scheduler.set_timesteps(1000, training=True, **kwargs)
-        self.weighting = weighting
+        self.weighting, self.sampling = weighting, sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
         self.guidance = guidance
 
-    def __call__(self, denoiser, latents: torch.Tensor, prompt_emb: torch.Tensor, pooled_prompt_emb: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-        b = latents.shape[0]
+    def sample(self, rng, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigma [b], timestep [b], loss weight [b]) for the batch's samples."""
         sched = self.scheduler
-        ids = torch.randint(0, len(sched.timesteps), (b,), generator=generator)
-        # Drawn on the (CPU) generator, so runs are identical on any device and resumable.
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        sigma = sched.sigmas[ids].to(latents.device, latents.dtype).view(b, 1, 1, 1)
-        timestep = sched.timesteps[ids].to(latents.device, latents.dtype)
-        noisy = (1 - sigma) * latents + sigma * noise
-        target = sched.training_target(latents, noise, timestep)
+        if self.sampling == "logit-normal":
+            u = rng.randn()
+            sigma = torch.sigmoid(self.logit_mean + self.logit_std * u)
+            weight = torch.ones_like(sigma)
+            timestep = sigma * sched.num_train_timesteps
+        else:
+            ids = rng.randint(len(sched.timesteps))
+            sigma, timestep = sched.sigmas[ids], sched.timesteps[ids]
+            weight = sched.linear_timesteps_weights[ids] if self.weighting == "diffsynth" else torch.ones(len(ids))
+        return sigma.to(device, dtype), timestep.to(device, dtype), weight.float().to(device)
+
+    def __call__(self, denoiser, latents: torch.Tensor, prompt_emb: torch.Tensor, pooled_prompt_emb: torch.Tensor,
+                 rng) -> torch.Tensor:
+        b = latents.shape[0]
+        sigma, timestep, weight = self.sample(rng, latents.device, latents.dtype)
+        # Drawn on CPU generators, so runs are identical on any device and resumable.
+        noise = rng.randn(*latents.shape[1:]).to(latents.device, latents.dtype)
+        s = sigma.view(b, *([1] * (latents.dim() - 1)))
+        noisy = (1 - s) * latents + s * noise
+        target = self.scheduler.training_target(latents, noise, timestep)
         guidance = torch.full((b,), self.guidance, device=latents.device, dtype=latents.dtype)
         pred = denoiser(noisy, timestep, prompt_emb, pooled_prompt_emb, guidance)
         per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
-        if self.weighting == "diffsynth":
-            per_sample = per_sample * sched.linear_timesteps_weights[ids].to(per_sample.device, per_sample.dtype)
-        return per_sample.mean()
+        return (per_sample * weight).mean()

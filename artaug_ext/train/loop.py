@@ -1,9 +1,13 @@
-"""The training loop: batches, gradient accumulation, mixed precision, LR schedule,
-checkpoints with `accelerator.save_state`, and exact resume.
+"""The training loop: batches, gradient accumulation, mixed precision, LR schedule, small
+checkpoints, exact resume, and a loss log.
 
-Everything random the loop owns (data order, timesteps, noise) is a function of the seed
-and the step, or comes from a generator saved in the checkpoint, so a run killed and
-resumed ends with the same weights as one that never stopped.
+Everything random is a function of the seed and of a sample's GLOBAL position in the run
+(step x global batch + index), never of a per-rank generator: the data order is a seeded
+permutation per epoch, and each sample draws its timestep and noise from its own generator
+(`SampleRandom`). So one process and two processes with the same global batch train the same
+weights, and a run killed and resumed ends with the same weights as one that never stopped,
+by construction: a checkpoint holds only the trainable parameters, the optimizer, the LR
+schedule (and the fp16 loss scale), never the frozen base model.
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import UsageError
+from ..files import append_line, atomic_write_json, read_jsonl
+
 logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "checkpoint-"
-DONE_FILE = "artaug_step.json"
+DONE_FILE = "artaug_step.json"  # written last into a checkpoint: marks it complete
+LOSS_LOG = "loss.jsonl"
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -43,9 +52,18 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     log_every: int = 50
+    log_with: str | None = None  # "tensorboard" or "wandb", through accelerate's trackers
     time_budget_s: float | None = None  # stop (with a checkpoint) after this long
     progress: bool = True
     resume: bool = True
+
+    # Fields that do not change what is trained: a resume may change them.
+    _RUNTIME = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "log_with", "time_budget_s",
+                "progress", "resume")
+
+    def identity(self) -> dict:
+        """What a checkpoint must agree on to be resumed (the step count included: it shapes the LR schedule)."""
+        return {k: v for k, v in asdict(self).items() if k not in self._RUNTIME}
 
 
 @dataclass
@@ -56,55 +74,51 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class _LoopState:
-    """What the loop itself must carry across a restart: the step and its generator.
+def _mix(seed: int, key: int) -> int:
+    """A 63-bit generator seed from (seed, key) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + key * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
-    Each process has its own generator (seeded seed + rank), but accelerate writes custom
-    state from the main process only; so with several processes the state holds every
-    rank's generator (gathered while saving; every process calls `state_dict`), and each
-    rank takes its own back on resume. Without that every rank resumed with rank 0's
-    timesteps and noise."""
 
-    def __init__(self, seed: int, process_index: int = 0, num_processes: int = 1):
-        self.step = 0
-        self.process_index, self.num_processes = process_index, num_processes
-        self.generator = torch.Generator().manual_seed(seed)
+class SampleRandom:
+    """The random numbers of one micro-batch: sample i draws from its own CPU generator,
+    seeded by (seed, key_i), where key_i is the sample's global position in the run. Draws
+    are made in the same order for every sample, so results do not depend on how samples
+    are split over processes or micro-batches."""
 
-    def state_dict(self):
-        state = {"step": self.step, "generator": self.generator.get_state()}
-        if self.num_processes > 1:
-            import torch.distributed as dist
+    def __init__(self, seed: int, keys: list[int]):
+        self.keys = list(keys)
+        self.generators = [torch.Generator().manual_seed(_mix(seed, k)) for k in self.keys]
 
-            generators = [None] * self.num_processes
-            dist.all_gather_object(generators, state["generator"])
-            state["generators"] = generators
-        return state
+    def __len__(self) -> int:
+        return len(self.keys)
 
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
-        generators = state.get("generators") or [state["generator"]]
-        if len(generators) == self.num_processes:
-            self.generator.set_state(generators[self.process_index])
-        elif self.process_index == 0:
-            self.generator.set_state(state["generator"])
-        else:  # a different number of processes than the checkpoint's: keep this rank's fresh stream
-            logger.warning("resuming on %d processes from a checkpoint of %d: rank %d's noise differs from an "
-                           "uninterrupted run", self.num_processes, len(generators), self.process_index)
+    def randn(self, *shape: int) -> torch.Tensor:
+        """[batch, *shape] standard normal, fp32 on the CPU."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def rand(self) -> torch.Tensor:
+        """[batch] uniform in [0, 1)."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
+    def randint(self, high: int) -> torch.Tensor:
+        """[batch] integers in [0, high)."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators])
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    if cfg.schedule not in ("constant", "cosine", "linear"):
+        raise UsageError(f"unknown LR schedule {cfg.schedule!r}; use constant, cosine or linear")
+
     def fn(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
         progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
-        if cfg.schedule == "linear":
-            decay = 1.0 - progress
-        elif cfg.schedule == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
-        else:
-            raise ValueError(f"unknown schedule {cfg.schedule!r}")
+        decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
     return fn
@@ -154,33 +168,79 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False):
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision="no" if cpu else _mixed_precision(cfg), cpu=cpu,
+        mixed_precision="no" if cpu else _mixed_precision(cfg), cpu=cpu, log_with=cfg.log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, automatic_checkpoint_naming=False),
     )
 
 
-def _save_checkpoint(accelerator, cfg: TrainConfig, state: _LoopState) -> str:
-    """save_state into a temporary folder, then rename: a kill never leaves half a checkpoint."""
-    final = os.path.join(cfg.output_dir, f"{CKPT_PREFIX}{state.step}")
-    tmp = final + ".tmp"
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, model, optimizer, scheduler,
+                     extra_state: dict) -> str:
+    """Trainable parameters, optimizer, schedule, loss scale and extra state into a temporary
+    folder, renamed into place: a kill never leaves half a checkpoint. Main process only
+    (with DDP every rank holds the same parameters and optimizer state)."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(cfg.output_dir, f"{CKPT_PREFIX}{step}")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, DONE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"step": state.step, "config": asdict(cfg)}, f, default=str)
+        os.makedirs(tmp)
+        params = trainable_parameters(accelerator.unwrap_model(model))
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, os.path.join(tmp, "trainable.safetensors"))
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "extra": {k: v.state_dict() for k, v in extra_state.items()}}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        atomic_write_json(os.path.join(tmp, DONE_FILE), {"step": step, "format": CHECKPOINT_FORMAT,
+                                                         "config": cfg.identity()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        kept = sorted(
-            (int(n[len(CKPT_PREFIX):]), n) for n in os.listdir(cfg.output_dir)
-            if n.startswith(CKPT_PREFIX) and n[len(CKPT_PREFIX):].isdigit()
-        )
-        for _, name in kept[:-cfg.keep_checkpoints]:
+        kept = sorted((int(n[len(CKPT_PREFIX):]), n) for n in os.listdir(cfg.output_dir)
+                      if n.startswith(CKPT_PREFIX) and n[len(CKPT_PREFIX):].isdigit())
+        for _, name in kept[:-max(cfg.keep_checkpoints, 1)]:
             shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scheduler, accelerator, extra_state: dict) -> int:
+    """Restore a checkpoint into the (unwrapped) model; refuse one made with other settings."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, DONE_FILE), encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: a checkpoint of another format ({info.get('format')}); delete the folder "
+                         f"{cfg.output_dir} to start this training again")
+    old, new = info.get("config", {}), cfg.identity()
+    diff = [k for k in sorted(set(old) | set(new)) if json.dumps(old.get(k)) != json.dumps(new.get(k), default=list)]
+    if diff:
+        k = diff[0]
+        raise UsageError(f"{cfg.output_dir} holds a training with other settings ({k}: {old.get(k)!r} -> "
+                         f"{new.get(k)!r}); resume with the same settings or use a new output folder")
+    params = trainable_parameters(accelerator.unwrap_model(model))
+    saved = load_file(os.path.join(path, "trainable.safetensors"))
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise UsageError(f"{path}: its parameters do not match this model (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}); delete {cfg.output_dir} to start again")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    for k, obj in extra_state.items():
+        obj.load_state_dict(state["extra"][k])
+    return int(info["step"])
 
 
 def _agree_with_main_process(accelerator, cfg: TrainConfig, out_of_time: bool) -> bool:
@@ -197,90 +257,134 @@ def _agree_with_main_process(accelerator, cfg: TrainConfig, out_of_time: bool) -
     return bool(decision[1])
 
 
+def read_loss_log(output_dir: str) -> list[dict]:
+    """The per-step records of a training's loss log (step, loss, lr, seconds)."""
+    return read_jsonl(os.path.join(output_dir, LOSS_LOG), what="loss log")
+
+
+def _trim_loss_log(path: str, step: int) -> None:
+    """On resume: drop lines written after the checkpoint (those steps run again)."""
+    if os.path.exists(path):
+        records = [r for r in read_jsonl(path, repair=True, what="loss log") if r["step"] <= step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
 def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[int]], dict], dataset_size: int,
-          cfg: TrainConfig, accelerator=None, on_step: Callable | None = None) -> TrainResult:
+          cfg: TrainConfig, accelerator=None, on_step: Callable | None = None,
+          extra_state: dict | None = None) -> TrainResult:
     """Train `model`'s trainable parameters for `cfg.steps` optimizer steps.
 
-    loss_fn(model, batch, generator) -> scalar loss; get_batch(indices) -> batch dict (on
-    any device; moved here). `on_step(step, loss)` is called after each optimizer step on
-    the main process; a step count it sets in `cfg.steps` reaches every rank. Resumes from
-    the newest checkpoint in `cfg.output_dir` if any.
+    loss_fn(model, batch, rng) -> scalar loss, with `rng` a `SampleRandom` for the batch's
+    samples; get_batch(indices) -> batch dict (on any device; moved here). `on_step(step, loss)`
+    runs after each optimizer step on the main process; a step count it sets in `cfg.steps`
+    reaches every rank. `extra_state`: objects with state_dict/load_state_dict (an EMA)
+    checkpointed with the run. Resumes from the newest checkpoint in `cfg.output_dir` if its
+    settings match. Can run again on the same accelerator (stage after stage): each call starts
+    from a clean accelerator and leaves one.
     """
     from tqdm import tqdm
 
+    if dataset_size <= 0:
+        raise UsageError("train: the dataset is empty")
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    accelerator.free_memory()  # a previous stage's model and optimizer must not be unscaled or saved again
+    extra_state = extra_state or {}
+    params = list(trainable_parameters(model).values())
     if not params:
-        raise ValueError("train: the model has no trainable parameters")
+        raise UsageError("train: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _LoopState(cfg.seed + accelerator.process_index, accelerator.process_index, accelerator.num_processes)
-    # Registered, not prepared: accelerate's scheduler wrapper steps once per process.
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(state)
-
+    step = 0
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt:
-        accelerator.load_state(ckpt)
-        logger.info("resumed from %s at step %d", ckpt, state.step)
+        step = _load_checkpoint(ckpt, cfg, model, optimizer, scheduler, accelerator, extra_state)
+        logger.info("resumed from %s at step %d", ckpt, step)
+    log_path = os.path.join(cfg.output_dir, LOSS_LOG)
+    if accelerator.is_main_process:
+        _trim_loss_log(log_path, step)
+    if cfg.log_with and accelerator.is_main_process:
+        accelerator.init_trackers(os.path.basename(os.path.normpath(cfg.output_dir)) or "train",
+                                  config={k: v for k, v in cfg.identity().items() if isinstance(v, (int, float, str))})
 
     order = _Order(dataset_size, cfg.seed)
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
-    result = TrainResult(step=state.step)
+    result = TrainResult(step=step)
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not (cfg.progress and accelerator.is_main_process),
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(cfg.output_dir)}", dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
     running = None
-    last_saved = state.step
-    while state.step < cfg.steps:
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            start = state.step * per_step + (micro * world + accelerator.process_index) * cfg.batch_size
-            batch = get_batch(order.indices(start, cfg.batch_size))
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
-            with ctx:
-                with accelerator.autocast():
-                    loss = loss_fn(model, batch, state.generator)
-                accelerator.backward(loss / cfg.grad_accum)
-            total += float(loss.detach()) / cfg.grad_accum
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        result.losses.append(total)
-        running = total if running is None else 0.98 * running + 0.02 * total
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if accelerator.is_main_process:
-            if cfg.log_every and state.step % cfg.log_every == 0:
-                logger.info("step %d loss %.5f (avg %.5f) lr %.3e", state.step, total, running, scheduler.get_last_lr()[0])
-            if on_step is not None:
-                on_step(state.step, total)
-        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
-        if world > 1:
-            out_of_time = _agree_with_main_process(accelerator, cfg, out_of_time)
-        if bar.total != cfg.steps:  # an on_step hook refitted the step count (time budget)
-            bar.total = cfg.steps
-            bar.refresh()
-        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or out_of_time:
-            _save_checkpoint(accelerator, cfg, state)
-            last_saved = state.step
-        if out_of_time:
-            logger.info("time budget of %.0fs spent at step %d", cfg.time_budget_s, state.step)
-            break
-    bar.close()
-    if state.step >= cfg.steps and last_saved != state.step and cfg.checkpoint_every:
-        _save_checkpoint(accelerator, cfg, state)
-    result.step = state.step
-    result.finished = state.step >= cfg.steps
+    last_saved = step
+    try:
+        while step < cfg.steps:
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                start = step * per_step + (micro * world + rank) * cfg.batch_size
+                keys = list(range(start, start + cfg.batch_size))
+                batch = get_batch(order.indices(start, cfg.batch_size))
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                sync = micro == cfg.grad_accum - 1
+                with accelerator.no_sync(model) if not sync and world > 1 else _null():
+                    with accelerator.autocast():
+                        loss = loss_fn(model, batch, SampleRandom(cfg.seed, keys))
+                    if not torch.isfinite(loss):
+                        from ..errors import NonFiniteError
+
+                        raise NonFiniteError(f"training {cfg.output_dir}: the loss is {float(loss)} at step {step + 1}; "
+                                             f"lower the learning rate ({cfg.lr:g}) or use bf16/fp32 instead of fp16")
+                    accelerator.backward(loss / cfg.grad_accum)
+                total += float(loss.detach()) / cfg.grad_accum
+            if world > 1:  # the step's loss over every rank's samples (what one process would log)
+                total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean"))
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            lr = scheduler.get_last_lr()[0]
+            result.losses.append(total)
+            running = total if running is None else 0.98 * running + 0.02 * total
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+            if accelerator.is_main_process:
+                append_line(log_path, {"step": step, "loss": total, "lr": lr,
+                                       "seconds": round(time.perf_counter() - t0, 3)})
+                if cfg.log_with:
+                    accelerator.log({"loss": total, "lr": lr}, step=step)
+                if cfg.log_every and step % cfg.log_every == 0:
+                    logger.info("step %d loss %.5f (avg %.5f) lr %.3e", step, total, running, lr)
+                if on_step is not None:
+                    on_step(step, total)
+            out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+            if world > 1:
+                out_of_time = _agree_with_main_process(accelerator, cfg, out_of_time)
+            if bar.total != cfg.steps:  # an on_step hook refitted the step count (time budget)
+                bar.total = cfg.steps
+                bar.refresh()
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or out_of_time:
+                _save_checkpoint(accelerator, cfg, step, model, optimizer, scheduler, extra_state)
+                last_saved = step
+            if out_of_time:
+                logger.info("time budget of %.0fs spent at step %d", cfg.time_budget_s, step)
+                break
+        if step >= cfg.steps and last_saved != step and cfg.checkpoint_every:
+            _save_checkpoint(accelerator, cfg, step, model, optimizer, scheduler, extra_state)
+    finally:
+        bar.close()
+        if cfg.log_with and accelerator.is_main_process:
+            for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
+                tracker.finish()
+        accelerator.free_memory()
+    result.step = step
+    result.finished = step >= cfg.steps
     result.seconds = time.perf_counter() - t0
     return result
 

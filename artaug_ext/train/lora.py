@@ -1,26 +1,105 @@
-"""LoRA on FLUX DiT linears through PEFT, like DiffSynth's training module does."""
+"""LoRA adapters on FLUX DiT linears through PEFT (as DiffSynth's trainer injects them),
+removable, in fp32, and exported so that `load_lora` merges exactly what was trained."""
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
+
 # DiffSynth's default FLUX LoRA targets (its FLUX training examples).
 FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b.2", "a_to_out", "b_to_out",
                      "proj_out", "norm.linear", "norm1_a.linear", "norm1_b.linear", "to_qkv_mlp")
+ADAPTER = "default"  # PEFT's adapter name: DiffSynth's training output keys carry it (".lora_A.default.weight")
+# Metadata of our training-format files (DiffSynth's keys, alpha / rank folded into lora_B).
+TRAINING_FORMAT = "artaug-diffsynth-lora-v1"
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The DiT inside the wrappers training puts around it (DDP's `.module`, FluxDenoiser's `.dit`)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "dit") and isinstance(model.dit, torch.nn.Module):
+            model = model.dit
+        else:
+            return model
+
+
+def _targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Linear]:
+    suffixes = tuple(target_modules)
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)}
 
 
 def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
-                target_modules=FLUX_LORA_TARGETS) -> torch.nn.Module:
-    """Add LoRA adapters (PEFT `inject_adapter_in_model`) and freeze everything else."""
+                target_modules=FLUX_LORA_TARGETS, init_seed: int | None = None) -> list[str]:
+    """Add LoRA adapters (PEFT `inject_adapter_in_model`), freeze everything else, keep the
+    adapters in fp32 whatever the base's dtype (as diffusers' `cast_training_params` does:
+    bf16 master weights lose small updates, fp16 ones cannot be unscaled). `init_seed` makes
+    the random init of lora_A the same on every process and run. Returns the adapted layers."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    if not isinstance(rank, int) or rank <= 0:
+        raise UsageError(f"LoRA rank {rank!r} must be a positive integer")
+    targets = _targets(model, target_modules)
+    if not targets:
+        raise UsageError(f"no linear layer of the model matches the LoRA targets {list(target_modules)}")
+    for name, layer in targets.items():
+        if rank > min(layer.in_features, layer.out_features):
+            raise UsageError(f"LoRA rank {rank} exceeds layer {name} ({layer.in_features} in, {layer.out_features} "
+                             f"out); use a rank <= {min(layer.in_features, layer.out_features)} or drop that target")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules))
-    model = inject_adapter_in_model(config, model)
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
+        is_lora = "lora_" in name
+        p.requires_grad_(is_lora)
+        if is_lora and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return sorted(targets)
+
+
+def lora_layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers of a model, by name relative to the DiT."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in base_model(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def remove_lora(model: torch.nn.Module) -> int:
+    """Take the adapters out again: every PEFT LoRA layer is replaced by the linear it wraps,
+    so the module tree (and its state dict) is the base's again. Returns how many."""
+    dit = base_model(model)
+    layers = lora_layers_of(dit)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = dit.get_submodule(parent_name) if parent_name else dit
+        setattr(parent, child, layer.get_base_layer())
+    return len(layers)
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights only, in DiffSynth's training-output key format."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    """The adapters in DiffSynth's training-output format (`blocks.0.attn.a_to_qkv.lora_A.default.weight`),
+    keys relative to the DiT (whatever wraps it), fp32, with each layer's alpha / rank folded
+    into lora_B: every loader that reads these keys with scale 1 (ours, DiffSynth's) merges
+    exactly the update that was trained."""
+    out = {}
+    for name, layer in lora_layers_of(model).items():
+        if ADAPTER not in layer.lora_A:
+            continue
+        scale = float(layer.scaling[ADAPTER])
+        out[f"{name}.lora_A.{ADAPTER}.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+        out[f"{name}.lora_B.{ADAPTER}.weight"] = (layer.lora_B[ADAPTER].weight.detach().float().cpu() * scale).contiguous()
+    if not out:
+        raise UsageError("the model has no LoRA adapters to export")
+    return out
+
+
+def save_lora(state: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> str:
+    """Write a training-format LoRA atomically (safetensors with our format marker)."""
+    from ..files import save_safetensors
+
+    return save_safetensors(state, path, {"format": TRAINING_FORMAT, "alpha_folded": "true", **(metadata or {})})
