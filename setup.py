@@ -17,12 +17,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["artaug_ext", "artaug_ext.*"]) + ["artaug_kernels"],
+    packages=find_packages(include=["artaug_ext", "artaug_ext.*"]) + ["artaug_kernels", "artaug_recipes"],
     # The Triton kernels live in kernels/ but install as `artaug_kernels`: a top-level
     # package named `kernels` would shadow Hugging Face's `kernels` package, which
     # DiffSynth and transformers probe for.
-    package_dir={"artaug_kernels": "kernels"},
-    package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*"]},
+    # The recipes (recipes/) install as `artaug_recipes`, so `artaug demo` finds them in any install.
+    package_dir={"artaug_kernels": "kernels", "artaug_recipes": "recipes"},
+    package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*"],
+                  "artaug_recipes": ["*.toml", "*.txt", "accelerate/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -41,15 +41,39 @@ def atomic_write_bytes(path: str, data: bytes, shared: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
-    """Write tensors as safetensors atomically (a per-process temporary file, then a rename);
-    metadata values that are not strings are stored as JSON."""
-    from safetensors.torch import save_file
+_ST_DTYPE_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                  "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                  "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
+    """Write tensors as a safetensors file, atomically (a per-process temporary file, then a
+    rename) and reproducibly: tensors and metadata in sorted order, so the same tensors give the
+    same bytes (the safetensors library writes its metadata in hash order, which changes from
+    process to process). Metadata values that are not strings are stored as JSON."""
+    import torch
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in sorted((metadata or {}).items())}
+    header: dict = {"__metadata__": meta} if meta else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = _ST_DTYPE_NAME[str(t.dtype).replace("torch.", "")]
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta or None)
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 

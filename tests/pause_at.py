@@ -8,7 +8,8 @@ Events:
   item      before the n-th item's original image is generated (`artaug interact`)
   png       inside the n-th PNG write, with half of the temporary file written
   manifest  inside the n-th manifest append, with half of the line written
-  step      inside training, after the n-th optimizer step's checkpoint-free work (`artaug run`)
+  cache     after the n-th pair written into a latent cache (`artaug run`)
+  step      after the n-th optimizer step's loss line, before its checkpoint (`artaug run`)
 """
 
 import os
@@ -68,18 +69,26 @@ def install() -> None:
         if hasattr(module, "append_line"):
             module.append_line = append
     dataset.InteractRun.generate_original = original
-    try:
-        from artaug_ext.train import loop
-    except ImportError:
-        return
-    real_step_hook = getattr(loop, "after_optimizer_step", None)
-    if real_step_hook is not None:
-        def step_hook(*args, **kwargs):
-            real_step_hook(*args, **kwargs)
-            if hit("step"):
-                pause()
+    from artaug_ext.train import cache, loop
 
-        loop.after_optimizer_step = step_hook
+    real_save = cache.save_safetensors
+
+    def save_cache_item(tensors, path, metadata=None):
+        out = real_save(tensors, path, metadata)
+        if hit("cache"):
+            pause()
+        return out
+
+    cache.save_safetensors = save_cache_item
+    real_log = loop.append_line
+
+    def log_step(path, record):
+        out = real_log(path, record)
+        if hit("step"):
+            pause()
+        return out
+
+    loop.append_line = log_step
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from .args import Parser
 
 # Subcommand modules, in the order `artaug --help` lists them; each has add_parser(s)(sub)
 # and sets `run` on its parsers.
-_COMMANDS = ("generate", "download", "interact", "eval_tiny")
+_COMMANDS = ("generate", "download", "interact", "run", "demo", "eval", "eval_tiny")
 
 
 def build_parser() -> Parser:

@@ -136,12 +136,11 @@ def kohya_state_dict(layers: dict[str, LoRALayer], dtype=torch.bfloat16) -> dict
 
 def save_kohya(layers: dict[str, LoRALayer], path: str, metadata: dict | None = None, dtype=torch.bfloat16) -> str:
     """Write a kohya / "universal FLUX" LoRA safetensors file (loads in DiffSynth, ComfyUI,
-    diffusers)."""
-    from safetensors.torch import save_file
+    diffusers), atomically and reproducibly."""
+    from ..files import save_safetensors
 
     ranks = sorted({layer.rank for layer in layers.values()})
     meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(max(ranks) if ranks else 0),
             "ss_network_alpha": str(max(ranks) if ranks else 0), "artaug_ranks": json.dumps(ranks)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    save_file(kohya_state_dict(layers, dtype), path, metadata=meta)
-    return path
+    return save_safetensors(kohya_state_dict(layers, dtype), path, meta)

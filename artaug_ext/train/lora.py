@@ -32,15 +32,10 @@ def _targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Linea
             if isinstance(m, torch.nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)}
 
 
-def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
-                target_modules=FLUX_LORA_TARGETS, init_seed: int | None = None) -> list[str]:
-    """Add LoRA adapters (PEFT `inject_adapter_in_model`), freeze everything else, keep the
-    adapters in fp32 whatever the base's dtype (as diffusers' `cast_training_params` does:
-    bf16 master weights lose small updates, fp16 ones cannot be unscaled). `init_seed` makes
-    the random init of lora_A the same on every process and run. Returns the adapted layers."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if not isinstance(rank, int) or rank <= 0:
+def check_rank(model: torch.nn.Module, rank: int, target_modules=FLUX_LORA_TARGETS) -> dict[str, torch.nn.Linear]:
+    """The layers a LoRA of `rank` would adapt; an error naming the layer and the fix if the rank
+    is not positive, larger than a layer, or no layer matches the targets."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise UsageError(f"LoRA rank {rank!r} must be a positive integer")
     targets = _targets(model, target_modules)
     if not targets:
@@ -49,6 +44,18 @@ def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
         if rank > min(layer.in_features, layer.out_features):
             raise UsageError(f"LoRA rank {rank} exceeds layer {name} ({layer.in_features} in, {layer.out_features} "
                              f"out); use a rank <= {min(layer.in_features, layer.out_features)} or drop that target")
+    return targets
+
+
+def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
+                target_modules=FLUX_LORA_TARGETS, init_seed: int | None = None) -> list[str]:
+    """Add LoRA adapters (PEFT `inject_adapter_in_model`), freeze everything else, keep the
+    adapters in fp32 whatever the base's dtype (as diffusers' `cast_training_params` does:
+    bf16 master weights lose small updates, fp16 ones cannot be unscaled). `init_seed` makes
+    the random init of lora_A the same on every process and run. Returns the adapted layers."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = check_rank(model, rank, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules))
     with torch.random.fork_rng(devices=[]):
         if init_seed is not None:
@@ -78,6 +85,8 @@ def remove_lora(model: torch.nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = dit.get_submodule(parent_name) if parent_name else dit
         setattr(parent, child, layer.get_base_layer())
+    if "peft_config" in dit.__dict__:  # inject_adapter_in_model's record of the adapter
+        del dit.peft_config
     return len(layers)
 
 

@@ -1,0 +1,128 @@
+"""`artaug eval`: the base model against LoRAs (or LoRAs against each other, or a run's
+rounds) on the same prompts and seeds, scored and laid out like the ArtAug paper's table."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+from .args import (
+    DEFAULT_MAX_PIXELS,
+    check_device,
+    check_image_size,
+    check_lora_file,
+    check_model_dir,
+    check_output_dir,
+    finite_float,
+    image_size,
+    lora_spec,
+    positive_int,
+)
+
+
+def add_parser(sub) -> None:
+    from ..cards import base_models
+    from ..eval.prompts import PROMPT_SETS
+    from ..interact.scorers import SCORERS
+
+    p = sub.add_parser("eval", help="compare the base model and LoRAs on the same prompts and seeds (the paper's table)")
+    p.add_argument("--model", default="tiny", choices=base_models(), help="base model (default tiny)")
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:ALPHA]",
+                   help="an arm with this LoRA merged (repeatable: one arm each); compared with the base")
+    p.add_argument("--artaug", action="store_true", help="an arm with the released ArtAug LoRA (flux-dev)")
+    p.add_argument("--run", dest="run_dir", default=None, metavar="RUN_DIR",
+                   help="an `artaug run` folder: one arm per round (the rounds' LoRAs summed so far) and its final LoRA")
+    p.add_argument("--no-base", action="store_true", help="compare the LoRA arms with the first of them, not the base")
+    p.add_argument("--prompts", default="default",
+                   help=f"a prompt set ({', '.join(PROMPT_SETS)}, tiny-heldout:N) or file: HPSv2 .json, PartiPrompts "
+                        ".tsv, DrawBench .csv, T2I-CompBench .txt, GenEval .jsonl (default: default)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate a sample of N prompts (deterministic)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="images a prompt per arm, on the same seeds (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--scorer", default="heuristic",
+                   help=f"{', '.join(SCORERS)}, or several joined with + (the paper's: aesthetic+pickscore+clip)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--size", type=image_size, default=None, metavar="N|WxH", help="image size (default: the model's)")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--guidance", type=finite_float, default=3.5)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images a DiT call (default 4)")
+    p.add_argument("--out", required=True, help="eval folder (run again to resume; a folder of another eval is refused)")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    p.set_defaults(run=run)
+
+
+def arms_from_args(args) -> list:
+    """The arms: the base (unless --no-base), then one per LoRA, ArtAug, or round of a run."""
+    from ..cards import card
+    from ..eval.run import Arm
+
+    arms = [] if args.no_base else [Arm("base")]
+    names = set()
+
+    def add(name, loras):
+        base_name, n = name, 2
+        while name in names:
+            name, n = f"{base_name}-{n}", n + 1
+        names.add(name)
+        arms.append(Arm(name, loras))
+
+    if args.artaug:
+        if card(args.model).companion_lora is None:
+            raise UsageError(f"--artaug needs a model with the ArtAug LoRA (flux-dev), not {args.model!r}")
+        from ..hub import resolve_model_files
+
+        files = resolve_model_files(card(card(args.model).companion_lora), args.model_dir)
+        add("artaug", [(files["lora"][0], 1.0)])
+    for path, alpha in args.lora:
+        check_lora_file("--lora", path)
+        add(os.path.splitext(os.path.basename(path))[0] + ("" if alpha == 1.0 else f"@{alpha:g}"),
+            [(os.path.abspath(path), alpha)])
+    if args.run_dir:
+        from ..recipe.runner import round_records
+
+        rounds = [r for r in round_records(args.run_dir) if r.get("lora")]
+        if not rounds:
+            raise UsageError(f"--run {args.run_dir}: no finished round with a LoRA (is it an `artaug run` folder?)")
+        so_far = []
+        for r in rounds:
+            so_far.append((os.path.join(os.path.abspath(args.run_dir), r["lora"]), 1.0))
+            add(f"round-{r['round']}", list(so_far))
+        final = os.path.join(args.run_dir, "final", "lora.safetensors")
+        if os.path.isfile(final):
+            add("final", [(os.path.abspath(final), 1.0)])
+    if len(arms) < 2:
+        raise UsageError("nothing to compare: give --lora PATH (repeatable), --artaug or --run RUN_DIR "
+                         "(with --no-base, at least two)")
+    return arms
+
+
+def run(args) -> int:
+    from ..cards import card
+    from ..eval.prompts import read_prompt_set
+
+    check_output_dir("--out", args.out)
+    arms = arms_from_args(args)
+    prompts = read_prompt_set(args.prompts, limit=args.limit, seed=args.seed)
+    size = card(args.model).defaults.size
+    width, height = args.size or (size, size)
+    check_image_size(width, height, args.max_pixels, "--size")
+    check_device("--device", args.device)
+    check_model_dir(args.model, args.model_dir)
+    from ..eval.run import EvalConfig, format_table, run_eval
+    from .interact import set_threads
+
+    cfg = EvalConfig(model=args.model, arms=arms, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
+                     width=width, height=height, guidance=args.guidance, scorer=args.scorer,
+                     batch_size=args.batch_size)
+    cfg.validate()
+    set_threads(args.threads, args.device)
+    result = run_eval(cfg, args.out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)
+    print(format_table(result))
+    t = result["timing"]
+    print(f"{t['generated_images']} images generated in {t['generation_seconds']:.0f} s; scoring {t['scoring_seconds']:.2f} s "
+          f"({t['scorer_forward_passes']} scorer forward passes, {t['score_cache_hits']} from the cache)")
+    print(f"report: {os.path.join(args.out, result['report'])}")
+    return 0

@@ -1,0 +1,89 @@
+"""Scores of images, cached by image hash, prompt and scorer identity.
+
+A second evaluation of the same images (another comparison, a report rebuilt, a resumed
+run) runs no scorer forward pass: every (image sha256, prompt, scorer identity) is scored
+once and appended to a JSONL file. The identity is the scorer's name, our code's version
+of it and the sha256 of its weights, so new weights or a changed scorer never read stale
+scores. `ScoreCache.forward_passes` counts the images actually scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+
+from ..files import append_line, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def image_sha256(image) -> str:
+    """sha256 of a PIL image's PNG bytes (what the eval writes), or of a file's bytes."""
+    if isinstance(image, str):
+        with open(image, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+class ScoreCache:
+    """{(image sha256, prompt, scorer key): scores}, backed by a JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[tuple[str, str, str], dict] = {}
+        for r in read_jsonl(path, repair=True, what="score cache"):
+            self.entries[(r["image"], r["prompt"], r["scorer"])] = r["scores"]
+        self.forward_passes = 0
+        self.hits = 0
+
+    def score(self, scorer, images: list, shas: list[str], prompt: str, load=None) -> list[dict]:
+        """Scores of `images` (with their sha256s) for one prompt, every component scorer of
+        `scorer` looked up in the cache first; only misses are scored, in one call a component.
+        With `load`, `images` are paths and only the images a scorer must see are decoded."""
+        out = [{} for _ in images]
+        decoded: dict[int, object] = {}
+
+        def image(i):
+            if load is None:
+                return images[i]
+            if i not in decoded:
+                decoded[i] = load(images[i])
+            return decoded[i]
+
+        for part in scorer.components():
+            key = identity_key(part.identity())
+            missing = [i for i, sha in enumerate(shas) if (sha, prompt, key) not in self.entries]
+            self.hits += len(images) - len(missing)
+            if missing:
+                scores = part.score([image(i) for i in missing], prompt)
+                self.forward_passes += len(missing)
+                for i, s in zip(missing, scores, strict=True):
+                    s = {k: float(v) for k, v in s.items()}
+                    self.entries[(shas[i], prompt, key)] = s
+                    append_line(self.path, {"image": shas[i], "prompt": prompt, "scorer": key,
+                                            "identity": part.identity(), "scores": s})
+            for i, sha in enumerate(shas):
+                out[i].update(self.entries[(sha, prompt, key)])
+        return out
+
+
+def metric_kinds(scorer) -> dict[str, str]:
+    """{score name: "quality" | "alignment" | "preference"}: PickScore is read as a pairwise
+    preference (the ArtAug table's column sums to 100%), the others as scores."""
+    kinds = {}
+    for part in scorer.components():
+        for k in getattr(part, "quality_keys", ()):
+            kinds[k] = "preference" if k == "pickscore" else "quality"
+        for k in getattr(part, "alignment_keys", ()):
+            kinds[k] = "alignment"
+        for k in getattr(part, "KEYS", ()):  # the analyser's per-attribute matches
+            kinds.setdefault(k, "alignment")
+    return kinds

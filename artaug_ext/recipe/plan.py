@@ -1,0 +1,100 @@
+"""`artaug run --dry-run`: what a recipe would do, what it needs, and about how long it takes.
+
+Nothing is loaded or downloaded: model files are looked up on this machine only, a critic
+server is not contacted, and the time estimate multiplies per-unit figures that it prints
+with their source (the model card's, or the recipe's [estimate] table).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import Recipe
+
+# The ArtAug authors report keeping about 1-2% of generated pairs; the estimate assumes the top
+# of that range unless the recipe caps the pairs per round.
+ASSUMED_KEEP_RATE = 0.02
+
+
+def _presence(recipe: Recipe, model_dir: str | None) -> list[str]:
+    from ..cards import card
+    from ..hub import find_files, model_root
+
+    lines = []
+    c = card(recipe.run.model)
+    root = model_root(model_dir)
+    if c.is_tiny:
+        lines.append(f"  base model   {c.name}: embedded in artaug-ext (written to {root} on first use)")
+    else:
+        found = find_files(c.modelscope_id, list(c.files.values()), model_dir)
+        state = "present" if found else f"MISSING (run `artaug download {c.name}` or pass --model-dir)"
+        lines.append(f"  base model   {c.name} = {c.modelscope_id}: {state} under {root}")
+    crit = recipe.critic
+    if crit.backend == "openai":
+        lines.append(f"  critic       {crit.model or '?'} at {crit.base_url or '$ARTAUG_CRITIC_BASE_URL'} "
+                     "(an OpenAI-compatible server; not contacted by a dry run)")
+    elif crit.backend == "transformers":
+        where = "present" if crit.model and os.path.isdir(crit.model) else "a hub id or a missing folder"
+        lines.append(f"  critic       {crit.model} (transformers, {where})")
+    else:
+        lines.append("  critic       heuristic (no model)")
+    metrics = [m for m in recipe.filter.scorer.split("+") if m.strip() and m.strip() != "heuristic"]
+    if metrics:
+        from ..tiny.metrics import METRIC_FOLDERS
+
+        mc = card("image-metrics")
+        for m in metrics:
+            folder = METRIC_FOLDERS.get(m.strip())
+            found = folder and find_files(mc.modelscope_id, [folder + "/"], model_dir)
+            lines.append(f"  scorer       {m.strip()}: {mc.modelscope_id}/{folder}/ "
+                         f"{'present' if found else 'MISSING (artaug download image-metrics --files ' + str(folder) + '/)'}")
+    else:
+        lines.append("  scorer       heuristic (no model)")
+    return lines
+
+
+def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str:
+    """The plan as text (what --dry-run prints)."""
+    from ..cards import card
+
+    c = card(recipe.run.model)
+    d, t, r = recipe.data, recipe.train, recipe.run
+    prompts = recipe.prompts()
+    size = d.size or c.defaults.size
+    steps = d.steps or c.defaults.steps
+    items = len(prompts) * d.images_per_prompt
+    lines = [f"recipe {recipe.path}", "needs:"] + _presence(recipe, model_dir)
+    lines += ["data:",
+              f"  {len(prompts)} prompts x {d.images_per_prompt} images = {items} items a round, up to {r.rounds} rounds",
+              f"  images {size if isinstance(size, int) else 'x'.join(map(str, size))} px, {steps} steps; each item: "
+              f"an original, a critique (<= {recipe.critic.max_suggestions} regions) and an enhanced image",
+              f"  training: mode {t.mode}, rank {t.rank}, lr {t.lr:g}, {t.steps_stage1} + {t.steps_stage2} steps at "
+              f"batch {t.batch_size} x {t.grad_accum}, resolution {t.resolution or 'as generated'}",
+              f"  final: the sum of the round LoRAs{f', truncated to rank {r.final_rank}' if r.final_rank else ''}"]
+    est = recipe.estimate
+    timing = c.timing
+    image_s = est.image_seconds if est.image_seconds is not None else (timing.image_seconds if timing else None)
+    step_s = est.train_step_seconds if est.train_step_seconds is not None else (timing.train_step_seconds if timing else None)
+    if image_s is None or step_s is None:
+        lines.append("estimate: no per-unit figures for this model; give them in the recipe's [estimate] table")
+        return "\n".join(lines)
+    source = est.source or (timing.source if timing else "")
+    device = timing.device if timing else "the recipe's device"
+    # An enhanced image runs the DiT on the global prompt and every region prompt at each step.
+    item_s = image_s * (2 + recipe.critic.max_suggestions) + (est.critic_seconds if recipe.critic.backend != "heuristic" else 0.0)
+    pairs = recipe.filter.max_pairs or max(1, round(items * ASSUMED_KEEP_RATE * recipe.filter.keep_fraction))
+    stage_steps = (0 if t.mode == "sft" else t.steps_stage1) + t.steps_stage2
+    train_steps = stage_steps * (pairs if t.mode == "per-pair" else 1) * t.grad_accum * t.batch_size
+    round_s = items * item_s / gpus + train_steps * step_s / gpus
+    total_s = round_s * r.rounds
+    lines += ["estimate (assumptions, not measurements of this run):",
+              f"  per unit on {device}: {image_s:g} s an image, {step_s:g} s a training step at batch 1"
+              + (f", {est.critic_seconds:g} s a critique" if recipe.critic.backend != "heuristic" else ""),
+              f"  source: {source}",
+              f"  per item: {item_s:.1f} s (original + enhanced at {1 + recipe.critic.max_suggestions} prompts a step)",
+              f"  kept pairs a round: {pairs} ({'filter.max_pairs' if recipe.filter.max_pairs else f'{ASSUMED_KEEP_RATE:.0%} of the items, the authors report 1-2%'})",
+              f"  per round: {items * item_s / gpus / 3600:.2f} h generation + {train_steps * step_s / gpus / 3600:.2f} h "
+              f"training on {gpus} GPU(s)",
+              f"  total for {r.rounds} rounds: about {total_s / 3600:.2f} h wall on {gpus} GPU(s) = "
+              f"{total_s * gpus / 3600:.1f} GPU-hours"]
+    return "\n".join(lines)

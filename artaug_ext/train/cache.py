@@ -1,0 +1,153 @@
+"""The latent cache of a round: every kept pair's prompt through the text encoders and both
+images through the VAE, once, read by both stages of the differential LoRA.
+
+One safetensors file per pair (`{cache}/{id}.safetensors`: original, enhanced, prompt_emb,
+pooled_prompt_emb), written atomically, so a killed cache build resumes at the pair it was
+on; with several processes, rank r encodes pairs r, r + world, ... `cache.json` records
+what the latents depend on, and a cache built with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FileFormatError, UsageError
+from ..files import atomic_write_json, check_safetensors, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+INFO_FILE = "cache.json"
+FIELDS = ("original", "enhanced", "prompt_emb", "pooled_prompt_emb")
+
+
+def training_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:
+    """The size images are resized to: the longer side `resolution` (None: as they are),
+    aspect kept, both sides multiples of 16 (FLUX's 16-pixel patches)."""
+    if resolution is None:
+        return width, height
+    scale = resolution / max(width, height)
+    return max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
+
+
+@dataclass
+class LatentCache:
+    """Stacked cache tensors of a list of pairs, in memory, [N, ...] each."""
+
+    ids: list[str]
+    original: torch.Tensor
+    enhanced: torch.Tensor
+    prompt_emb: torch.Tensor
+    pooled_prompt_emb: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: list[int]) -> LatentCache:
+        ix = torch.tensor(indices, dtype=torch.long)
+        return LatentCache([self.ids[i] for i in indices], self.original[ix], self.enhanced[ix], self.prompt_emb[ix],
+                           self.pooled_prompt_emb[ix])
+
+    def batch(self, which: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A training batch of the `which` images ("original" or "enhanced") with their prompts."""
+        ix = torch.tensor(indices, dtype=torch.long)
+        return {"latents": getattr(self, which)[ix], "prompt_emb": self.prompt_emb[ix],
+                "pooled_prompt_emb": self.pooled_prompt_emb[ix]}
+
+
+def _item_path(cache_dir: str, pair_id: str) -> str:
+    return os.path.join(cache_dir, f"{pair_id}.safetensors")
+
+
+def _check_info(cache_dir: str, info: dict) -> None:
+    path = os.path.join(cache_dir, INFO_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = [k for k in sorted(set(old) | set(info)) if old.get(k) != info.get(k)]
+        if diff:
+            raise UsageError(f"{cache_dir} caches latents made with other settings ({diff[0]}: {old.get(diff[0])!r} -> "
+                             f"{info.get(diff[0])!r}); delete the folder to build it again")
+    else:
+        atomic_write_json(path, info, shared=True)
+
+
+def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolution: int | None = None,
+                rank: int = 0, world: int = 1, progress: bool = True) -> int:
+    """Encode this rank's share of `pairs` (interact.dataset.Pair) into `cache_dir`; pairs
+    already cached are skipped. Returns how many were encoded now."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ..interact.dataset import load_image
+    from ..interact.enhance import encode_prompts
+
+    if not pairs:
+        raise UsageError("the latent cache needs at least one kept pair")
+    first = load_image(pairs[0].original)
+    width, height = training_size(first.width, first.height, resolution)
+    info = {"format": CACHE_FORMAT, "model": getattr(pipe, "artaug_model_name", "?"), "width": width, "height": height,
+            "t5_sequence_length": t5_sequence_length, "dtype": str(pipe.torch_dtype)}
+    os.makedirs(cache_dir, exist_ok=True)
+    _check_info(cache_dir, info)
+    mine = [p for i, p in enumerate(pairs) if i % world == rank]
+    todo = [p for p in mine if not _complete(_item_path(cache_dir, p.id))]
+    pipe.load_models_to_device(("vae_encoder",))
+    with torch.no_grad():
+        for p in tqdm(todo, desc=f"latent cache rank {rank}", unit="pair", disable=not progress):
+            tensors = {}
+            for which in ("original", "enhanced"):
+                image = load_image(getattr(p, which))
+                if image.size != (first.width, first.height):
+                    raise FileFormatError(getattr(p, which), f"size {image.width}x{image.height}, but the round's "
+                                          f"images are {first.width}x{first.height}", "regenerate the pair")
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.LANCZOS)
+                x = pipe.preprocess_image(image).to(device=pipe.device, dtype=pipe.torch_dtype)
+                latents = pipe.vae_encoder(x)
+                if not torch.isfinite(latents).all():
+                    from ..errors import NonFiniteError
+
+                    raise NonFiniteError(f"the VAE encoder gave NaN or Inf for {getattr(p, which)}")
+                tensors[which] = latents[0].cpu()
+            enc = encode_prompts(pipe, [p.prompt], t5_sequence_length)
+            tensors["prompt_emb"] = enc["prompt_emb"][0].cpu()
+            tensors["pooled_prompt_emb"] = enc["pooled_prompt_emb"][0].cpu()
+            save_safetensors(tensors, _item_path(cache_dir, p.id), {"prompt": p.prompt, "id": p.id})
+    return len(todo)
+
+
+def _complete(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        check_safetensors(path)
+    except FileFormatError:
+        logger.warning("%s is incomplete: encoding it again", path)
+        return False
+    return True
+
+
+def load_cache(cache_dir: str, ids: list[str]) -> LatentCache:
+    """The cached tensors of `ids`, stacked; a missing or corrupt file is named."""
+    from safetensors.torch import load_file
+
+    if not ids:
+        raise UsageError("no pairs to load from the latent cache")
+    stacks = {f: [] for f in FIELDS}
+    for pair_id in ids:
+        path = _item_path(cache_dir, pair_id)
+        if not os.path.isfile(path):
+            raise FileFormatError(path, "missing from the latent cache", "run the same command again to build it")
+        check_safetensors(path, "delete it; the next run encodes the pair again")
+        tensors = load_file(path)
+        for f in FIELDS:
+            if f not in tensors:
+                raise FileFormatError(path, f"has no tensor {f!r}", "delete it; the next run encodes the pair again")
+            stacks[f].append(tensors[f])
+    return LatentCache(list(ids), *(torch.stack(stacks[f]) for f in FIELDS))
