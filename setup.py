@@ -42,8 +42,10 @@ setup(
         "numpy",
         "scipy",
         "pillow",
+        "matplotlib",
         "tomli>=1.1; python_version < '3.11'",
     ],
-    extras_require={"test": ["pytest>=7", "ruff"]},
+    # playwright drives the system Chromium in the report tests (its own browser download is never used)
+    extras_require={"test": ["pytest>=7", "ruff", "playwright"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
 )

@@ -126,11 +126,10 @@ def classify_position(cx: float, cy: float) -> str:
     return f"{row} {col}".strip() or "center"
 
 
-def analyse(image) -> Analysis:
-    """Read the main object and the background of a scene image (PIL image or array)."""
+def _segment(img: np.ndarray):
+    """(main object mask or None, per-row background colour, border ring pixels) of a scene image."""
     from scipy import ndimage
 
-    img = _to_float(image)
     n = img.shape[0]
     b = max(n // 40, 2)
     # Background per row from the left and right borders (follows vertical gradients),
@@ -139,19 +138,29 @@ def analyse(image) -> Analysis:
     row_bg = np.median(sides, axis=1)
     row_bg = ndimage.median_filter(row_bg, size=(n // 8 + 1, 1), mode="nearest")
     ring = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3), sides.reshape(-1, 3)])
-    background = classify_colour(np.median(ring, axis=0))
-    brightness = float(img.mean())
-
     dist = np.sqrt(((img - row_bg[:, None, :]) ** 2).sum(-1))
     thr = max(_otsu(dist), 0.12)
     fg = dist > thr
     fg = ndimage.binary_opening(fg, iterations=1)
     labels, count = ndimage.label(fg)
     if count == 0:
-        return Analysis(None, None, None, background, brightness)
+        return None, row_bg, ring
     sizes = ndimage.sum(fg, labels, index=np.arange(1, count + 1))
     main = labels == (int(np.argmax(sizes)) + 1)
-    main = ndimage.binary_fill_holes(main)
+    return ndimage.binary_fill_holes(main), row_bg, ring
+
+
+def analyse(image) -> Analysis:
+    """Read the main object and the background of a scene image (PIL image or array)."""
+    from scipy import ndimage
+
+    img = _to_float(image)
+    n = img.shape[0]
+    main, _, ring = _segment(img)
+    background = classify_colour(np.median(ring, axis=0))
+    brightness = float(img.mean())
+    if main is None:
+        return Analysis(None, None, None, background, brightness)
     ys, xs = np.nonzero(main)
     cx = (xs.min() + xs.max() + 1) / 2 / n
     cy = (ys.min() + ys.max() + 1) / 2 / n
@@ -165,6 +174,32 @@ def analyse(image) -> Analysis:
         brightness=brightness,
         area=float(main.sum()) / (n * n),
     )
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] to CIE L*a*b* (D65)."""
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def separation(image) -> float:
+    """How far the main object stands out from its background: the CIE76 colour difference
+    (Delta E in L*a*b*) between the median colour of the object (the analyser's mask, eroded)
+    and of the border ring; 0 when no object is found. It reads the segmentation, which the
+    heuristic critic and scorer do not use, so it can judge their pairs independently."""
+    from scipy import ndimage
+
+    img = _to_float(image)
+    main, _, ring = _segment(img)
+    if main is None:
+        return 0.0
+    core = ndimage.binary_erosion(main, iterations=2)
+    pixels = img[core] if core.sum() >= 4 else img[main]
+    a, b = _lab(np.median(pixels, axis=0)), _lab(np.median(ring, axis=0))
+    return float(np.sqrt(((a - b) ** 2).sum()))
 
 
 def expected(scene: scenes.Scene) -> dict[str, str]:

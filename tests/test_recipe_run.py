@@ -286,3 +286,18 @@ def test_missing_or_corrupt_pair_image_is_named(reference, tmp_path, pipe):
     os.remove(copy / pairs[0].enhanced.split("interact/")[1])
     with pytest.raises(FileFormatError, match=r"\.enhanced\.png: missing image of a kept pair"):
         read_pairs(str(copy))
+
+
+def test_run_report_renders_in_headless_chromium(reference, tmp_path):
+    import browser
+
+    reason = browser.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    run_dir, summary = reference
+    assert summary["report"] == "report.html"
+    info = browser.open_page(str(run_dir / "report.html"), str(tmp_path / "run.png"))
+    assert info["title"] == "artaug run: run" and info["scripts"] == 0
+    assert info["images"] and all(i["ok"] for i in info["images"]), [i for i in info["images"] if not i["ok"]]
+    assert [r.split("\t")[0] for r in info["rows"][1:3]] == ["1", "2"]  # the rounds table
+    assert info["svgs"] >= 4  # kept share, gain, one loss plot per round

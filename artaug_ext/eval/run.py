@@ -203,7 +203,7 @@ def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str]) -> dict:
             row = summarize_metric(a[ok], b[ok], groups=groups[ok],
                                    kind="preference" if kind == "preference" else "score", n_boot=cfg.n_boot,
                                    seed=cfg.seed)
-            row = {"kind": kind, **_plain(row)}
+            row = {**_plain(row), "kind": kind}
             by_cat = {}
             for cat in sorted(set(categories[ok])):
                 sel = ok & (categories == cat)

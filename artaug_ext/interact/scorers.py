@@ -34,7 +34,7 @@ from .critics import (
 
 logger = logging.getLogger(__name__)
 
-SCORERS = ("heuristic", "analyser", "aesthetic", "pickscore", "clip", "hpsv2", "imagereward")
+SCORERS = ("heuristic", "analyser", "separation", "aesthetic", "pickscore", "clip", "hpsv2", "imagereward")
 
 
 class Scorer:
@@ -220,6 +220,20 @@ class AnalyserScorer(Scorer):
         return out
 
 
+class SeparationScorer(Scorer):
+    """How far the tiny model's main object stands out from its background (`analyse.separation`:
+    Delta E between object and border colours). A quality score the heuristic critic and scorer
+    know nothing of (they judge 3x3 cells, not the segmented object): a check on their pairs."""
+
+    name = "separation"
+    quality_keys = ("separation",)
+
+    def score(self, images, prompt):
+        from .. import analyse
+
+        return [{"separation": round(analyse.separation(im), 6)} for im in images]
+
+
 def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None) -> Scorer:
     """A scorer by name; "a+b" combines several."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
@@ -231,6 +245,8 @@ def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None =
             scorers.append(HeuristicScorer())
         elif p == "analyser":
             scorers.append(AnalyserScorer())
+        elif p == "separation":
+            scorers.append(SeparationScorer())
         elif p in DiffSynthMetricScorer._SPECS:
             scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
         else:

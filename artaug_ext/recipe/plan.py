@@ -79,6 +79,13 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
         lines.append("estimate: no per-unit figures for this model; give them in the recipe's [estimate] table")
         return "\n".join(lines)
     source = est.source or (timing.source if timing else "")
+    # Scale the card's figures (default size and steps) to the recipe's: DiT work grows with the
+    # number of image tokens (the area; attention grows faster, so this is a lower bound).
+    side = size if isinstance(size, int) else int((size[0] * size[1]) ** 0.5)
+    if est.image_seconds is None:
+        image_s *= (side / c.defaults.size) ** 2 * steps / c.defaults.steps
+    if est.train_step_seconds is None:
+        step_s *= ((t.resolution or side) / c.defaults.size) ** 2
     device = timing.device if timing else "the recipe's device"
     # An enhanced image runs the DiT on the global prompt and every region prompt at each step.
     item_s = image_s * (2 + recipe.critic.max_suggestions) + (est.critic_seconds if recipe.critic.backend != "heuristic" else 0.0)
@@ -88,7 +95,8 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
     round_s = items * item_s / gpus + train_steps * step_s / gpus
     total_s = round_s * r.rounds
     lines += ["estimate (assumptions, not measurements of this run):",
-              f"  per unit on {device}: {image_s:g} s an image, {step_s:g} s a training step at batch 1"
+              f"  per unit on {device}: {image_s:.3g} s an image, {step_s:.3g} s a training sample at "
+              f"{t.resolution or side} px (the card's figures scaled by image area)"
               + (f", {est.critic_seconds:g} s a critique" if recipe.critic.backend != "heuristic" else ""),
               f"  source: {source}",
               f"  per item: {item_s:.1f} s (original + enhanced at {1 + recipe.critic.max_suggestions} prompts a step)",

@@ -1,0 +1,59 @@
+"""How fast `artaug` answers: --help, --version, an argument error and the offline
+missing-model error, each a fresh interpreter, against `python -c pass` measured in the same run.
+
+    python benchmarks/bench_startup.py [--runs 5] [--source DIR]
+
+--source times another checkout of the project (its artaug_ext is put first on PYTHONPATH),
+e.g. an older commit: `git worktree add /tmp/old <commit>` then `--source /tmp/old`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def timed(cmd: list[str], env: dict, runs: int) -> tuple[float, int]:
+    samples, rc = [], 0
+    for _ in range(runs):
+        t = time.perf_counter()
+        rc = subprocess.run(cmd, env=env, capture_output=True).returncode
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples), rc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--source", default=None, help="a source tree to time instead of the installed artaug_ext")
+    args = p.parse_args()
+    env = dict(os.environ)
+    if args.source:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(args.source)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    empty = tempfile.mkdtemp()
+    offline = dict(env, ARTAUG_HOME=empty, MODELSCOPE_CACHE=os.path.join(empty, "ms"), ARTAUG_OFFLINE="1")
+    cli = [sys.executable, "-m", "artaug_ext.cli"]
+    cases = [
+        ("python -c pass", [sys.executable, "-c", "pass"], env),
+        ("artaug --help", cli + ["--help"], env),
+        ("artaug --version", cli + ["--version"], env),
+        ("argument error (--height 100)", cli + ["generate", "--prompt", "x", "--height", "100"], env),
+        ("offline missing-model error", cli + ["generate", "--model", "flux-dev", "--prompt", "x", "--out",
+                                               os.path.join(empty, "x.png")], offline),
+    ]
+    base = None
+    print(f"{'command':<34}{'median s':>10}{'minus python':>14}{'exit':>6}   ({args.runs} runs each)")
+    for name, cmd, e in cases:
+        t, rc = timed(cmd, e, args.runs)
+        base = t if base is None else base
+        print(f"{name:<34}{t:>10.2f}{t - base:>14.2f}{rc:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
