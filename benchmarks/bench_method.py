@@ -72,10 +72,10 @@ def tone_correct(image):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--train-prompts", type=int, default=24)
+    p.add_argument("--train-prompts", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="steps per stage")
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every stage")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of every stage")
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--per-pair-pairs", type=int, default=6, help="pairs of round 1 for the per-pair arm")
