@@ -146,9 +146,10 @@ def test_missing_file_and_unknown_set_and_folder(tmp_path):
     missing = str(tmp_path / "nope.tsv")
     with pytest.raises(UsageError, match="nope.tsv: no such file"):
         read_prompt_set(missing)
-    with pytest.raises(UsageError, match="unknown prompt set 'partiprompts'.*default, tiny-heldout"):
+    names = "default, default/train, default/test, tiny-heldout, tiny-heldout-lit"
+    with pytest.raises(UsageError, match=f"unknown prompt set 'partiprompts'.*{names}"):
         read_prompt_set("partiprompts")
-    with pytest.raises(UsageError, match="default, tiny-heldout"):
+    with pytest.raises(UsageError, match=names):
         read_prompt_set("default:3")
     with pytest.raises(UsageError, match="tiny-heldout:"):
         read_prompt_set("tiny-heldout:x")

@@ -87,7 +87,7 @@ def test_every_metric_has_a_spec_and_the_scorer_knows_it():
     from artaug_ext.interact.scorers import SCORERS, DiffSynthMetricScorer
 
     assert set(tm.TINY_METRICS) == set(tm.METRIC_FOLDERS) == set(METRICS) == set(DiffSynthMetricScorer._SPECS)
-    assert set(SCORERS) == {"heuristic", *DiffSynthMetricScorer._SPECS}
+    assert set(SCORERS) == {"heuristic", "analyser", "separation", *DiffSynthMetricScorer._SPECS}
 
 
 def test_registry_entries(folder):
