@@ -43,3 +43,44 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+PAUSE_AT = os.path.join(REPO, "tests", "pause_at.py")
+
+
+def child_env(**extra) -> dict:
+    """The environment of a CLI child process: one thread, not part of a distributed launch."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def start_paused(args: list[str], pause_at: str, marker, timeout: float = 240) -> subprocess.Popen:
+    """Start `artaug ARGS` under tests/pause_at.py and wait until it pauses at `pause_at`
+    ("event:n"); the caller kills it (or lets it hold its locks)."""
+    import time
+
+    if os.path.exists(marker):
+        os.unlink(marker)
+    proc = subprocess.Popen([sys.executable, PAUSE_AT, *args], env=child_env(PAUSE_AT=pause_at, PAUSE_MARKER=str(marker)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.time() + timeout
+    while not os.path.exists(marker):
+        if proc.poll() is not None:
+            raise AssertionError(f"ended before pausing at {pause_at}: {proc.stderr.read().decode()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"never paused at {pause_at}")
+        time.sleep(0.05)
+    return proc
+
+
+def kill_when_paused(args: list[str], pause_at: str, marker) -> None:
+    """Run `artaug ARGS` until it pauses at `pause_at`, then SIGKILL it."""
+    import signal
+
+    proc = start_paused(args, pause_at, marker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL

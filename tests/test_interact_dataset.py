@@ -3,13 +3,11 @@
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from helpers import kill_when_paused
 from PIL import Image
 
 from artaug_ext.interact.dataset import (
@@ -229,34 +227,9 @@ def test_pair_picture_and_prompt_files(tmp_path):
 # ---------------------------------------------------------------------------- SIGKILL and resume
 
 
-PAUSE_AT = os.path.join(os.path.dirname(__file__), "pause_at.py")
-
-
 def _cli(run_dir, prompts_file):
-    return [sys.executable, PAUSE_AT, "interact", "--prompts", str(prompts_file), "--out",
-            str(run_dir), "--model", "tiny-random", "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
-            "--threads", "1"]
-
-
-def _run_until_paused_then_kill(cmd, pause_at, marker):
-    """Run the CLI under tests/pause_at.py, which pauses it at `pause_at` ("event:n"), then SIGKILL it."""
-    env = dict(os.environ, PAUSE_AT=pause_at, PAUSE_MARKER=str(marker), OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    if marker.exists():
-        marker.unlink()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before pausing at {pause_at}: {proc.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"never paused at {pause_at}")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    return ["interact", "--prompts", str(prompts_file), "--out", str(run_dir), "--model", "tiny-random", "--steps",
+            str(STEPS), "--size", str(SIZE), "--no-progress", "--threads", "1"]
 
 
 def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, monkeypatch):
@@ -273,11 +246,11 @@ def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, m
     run_interact(config, str(reference), pipe=pipe, progress=False)  # uninterrupted
     cmd = _cli(run, prompts_file)
     shard = run / "shards" / "manifest-rank00000-of-00001.jsonl"
-    _run_until_paused_then_kill(cmd, "item:2", marker)       # between items (first item done)
+    kill_when_paused(cmd, "item:2", marker)       # between items (first item done)
     assert len(read_manifest(str(shard))) == 1
-    _run_until_paused_then_kill(cmd, "png:2", marker)        # in the middle of writing a PNG
+    kill_when_paused(cmd, "png:2", marker)        # in the middle of writing a PNG
     assert any(name.endswith(".png.tmp") for name in tree(run)), "the kill should land inside the atomic write"
-    _run_until_paused_then_kill(cmd, "manifest:1", marker)   # half-way through a manifest line
+    kill_when_paused(cmd, "manifest:1", marker)   # half-way through a manifest line
     assert not shard.read_bytes().endswith(b"\n") and len(read_manifest(str(shard))) == 1
     stats = run_interact(config, str(run), pipe=pipe, progress=False)  # the resume
     assert stats["processed"] == 2 and stats["items"] == 3

@@ -3,14 +3,12 @@ combination, resume after kill -9 in the cache and in both stages, dry runs, bad
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, child_env, kill_when_paused
 from safetensors.torch import load_file
 
 from artaug_ext.errors import UsageError
@@ -19,7 +17,6 @@ from artaug_ext.recipe.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAUSE_AT = os.path.join(os.path.dirname(__file__), "pause_at.py")
 PROMPTS = ["a red circle in the center on a blue background, dim light",
            "a yellow star on the left on a green background, overexposed",
            "a white square at the top on a black background, backlit"]
@@ -150,30 +147,6 @@ def test_unmerging_lora_1_restores_the_base_bit_for_bit(pipe, tmp_path):
     assert not os.path.exists(tmp_path / "sft" / "stage1") and os.path.isfile(result.path)
 
 
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
-def _kill_at(args, pause_at, marker):
-    if marker.exists():
-        marker.unlink()
-    proc = subprocess.Popen([sys.executable, PAUSE_AT, *args], env=_env(PAUSE_AT=pause_at, PAUSE_MARKER=str(marker)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    deadline = time.time() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"ended before {pause_at}: {proc.stderr.read().decode()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"never reached {pause_at}")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-
-
 def test_kill_9_in_the_cache_and_in_both_stages_then_resume_gives_the_same_lora(reference, tmp_path):
     """Killed after the 2nd cached pair of round 1, inside round 1's stage 1 (its 2nd step, before
     that step's checkpoint) and inside round 2's stage 2, then the same command again: the
@@ -182,15 +155,15 @@ def test_kill_9_in_the_cache_and_in_both_stages_then_resume_gives_the_same_lora(
     recipe = micro(tmp_path)
     args = ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu", "--threads", "1", "--no-progress"]
     marker = tmp_path / "paused"
-    _kill_at(args, "cache:2", marker)
+    kill_when_paused(args, "cache:2", marker)
     assert (tmp_path / "run" / "rounds" / "round-01" / "cache").is_dir()
-    _kill_at(args, "step:2", marker)
+    kill_when_paused(args, "step:2", marker)
     # counted from this process's start: round 1's stage 1 resumes at step 2 (2 steps), its stage 2 (3),
     # round 2's stage 1 (3), then the 2nd step of round 2's stage 2
-    _kill_at(args, "step:10", marker)
+    kill_when_paused(args, "step:10", marker)
     assert (tmp_path / "run" / "rounds" / "round-02" / "stage2").is_dir()
     assert not (tmp_path / "run" / "rounds" / "round-02" / "lora.safetensors").exists()
-    done = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=_env(), capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=child_env(), capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("lora.safetensors", "lora_diffsynth.safetensors"):

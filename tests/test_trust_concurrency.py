@@ -7,27 +7,7 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO
-
-PAUSE_AT = os.path.join(os.path.dirname(__file__), "pause_at.py")
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _wait_for(path, proc, seconds=180):
-    deadline = time.time() + seconds
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise AssertionError(f"ended early: {proc.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("never paused")
-        time.sleep(0.05)
+from helpers import REPO, child_env, start_paused
 
 
 def test_second_interact_on_the_same_folder_is_refused_naming_the_first(tmp_path):
@@ -35,12 +15,9 @@ def test_second_interact_on_the_same_folder_is_refused_naming_the_first(tmp_path
     prompts.write_text("a red circle\na blue star\n")
     args = ["interact", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--model", "tiny-random",
             "--steps", "1", "--size", "32", "--no-progress", "--threads", "1"]
-    marker = tmp_path / "paused"
-    first = subprocess.Popen([sys.executable, PAUSE_AT, *args], env=_env(PAUSE_AT="item:1", PAUSE_MARKER=str(marker)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    first = start_paused(args, "item:1", tmp_path / "paused")
     try:
-        _wait_for(marker, first)
-        second = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=_env(), capture_output=True,
+        second = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=child_env(), capture_output=True,
                                 text=True, timeout=300, cwd=REPO)
         assert second.returncode == 2, second.stderr
         err = second.stderr.strip().splitlines()
@@ -49,7 +26,7 @@ def test_second_interact_on_the_same_folder_is_refused_naming_the_first(tmp_path
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
     # the kill released the lock: the same command now runs (and resumes what the first left)
-    third = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=_env(), capture_output=True, text=True,
+    third = subprocess.run([sys.executable, "-m", "artaug_ext.cli", *args], env=child_env(), capture_output=True, text=True,
                            timeout=300, cwd=REPO)
     assert third.returncode == 0, third.stderr
     assert "2 items" in third.stdout
@@ -74,9 +51,13 @@ def test_killed_first_build_leaves_no_temporary_folder(tmp_path):
     from artaug_ext.tiny.spec import get_spec
 
     root, marker = tmp_path / "root", tmp_path / "written"
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(root), str(marker)], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(root), str(marker)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    _wait_for(marker, proc)
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the build never reached its hang"
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     parent = root / "artaug-ext"
