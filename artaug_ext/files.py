@@ -88,6 +88,28 @@ def atomic_write_json(path: str, obj, shared: bool = False) -> None:
                        shared=shared)
 
 
+def first_difference(old, new, prefix: str = "") -> str | None:
+    """Where two JSON-like values first differ, as "key.subkey: old -> new" (None if equal);
+    tuples compare as the lists JSON makes of them."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    if old == new:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                return first_difference(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+    return f"{prefix or 'value'}: {str(old)[:80]} -> {str(new)[:80]}"
+
+
+def recorded_difference(path: str, record: dict) -> str | None:
+    """How `record` differs from what the JSON file `path` recorded (None if the file is absent
+    or equal): how a folder tells that a resume has other settings than the run that made it."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return first_difference(json.load(f), record)
+
+
 def append_line(path: str, record: dict) -> None:
     """Append one JSONL record with one write and fsync it (a torn last line, from a kill
     inside the write, is repaired by `read_jsonl(repair=True)`)."""
@@ -149,6 +171,11 @@ def read_text_lines(path: str, what: str) -> list[str]:
 _ST_DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                   "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _ST_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors format itself sets
+
+
+# Files read as torch pickles (with weights_only=True); a LoRA file of any other name is safetensors.
+TORCH_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+LORA_FILE_FIX = "give a LoRA in .safetensors (or a PEFT folder); re-download or re-export a truncated file"
 
 
 def check_safetensors(path: str, fix: str = "download or export the file again") -> dict:

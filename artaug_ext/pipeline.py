@@ -105,6 +105,14 @@ def default_size(model: str) -> int:
     return card(model).defaults.size
 
 
+def _with_defaults(pipe, steps, height, width) -> tuple[str, int, int, int]:
+    """(model name, steps, height, width) with the model card's defaults for what is None."""
+    model = getattr(pipe, "artaug_model_name", "flux-dev")
+    size = default_size(model)
+    return (model, default_steps(model) if steps is None else steps, size if height is None else height,
+            size if width is None else width)
+
+
 def check_generation_args(prompt: str, *, steps: int, height: int, width: int, embedded_guidance: float) -> None:
     """Refuse what DiffSynth would silently turn into something else: sizes it rounds to a
     multiple of 16, no steps (an image of pure noise), non-finite guidance (an all-zero image)."""
@@ -182,11 +190,7 @@ def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, heig
     Bad arguments raise UsageError before any work; a non-finite result raises NonFiniteError."""
     from tqdm import tqdm
 
-    model = getattr(pipe, "artaug_model_name", "flux-dev")
-    size = default_size(model)
-    steps = default_steps(model) if steps is None else steps
-    height = size if height is None else height
-    width = size if width is None else width
+    model, steps, height, width = _with_defaults(pipe, steps, height, width)
     check_generation_args(prompt, steps=steps, height=height, width=width, embedded_guidance=embedded_guidance)
     t5_length = t5_sequence_length(model)
     warn_if_truncated(pipe, prompt, t5_length)
@@ -258,10 +262,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int | N
     batch N instead of N times at batch 1. Text-to-image only (no ControlNet, IP-Adapter...)."""
     if len(prompts) != len(seeds) or not prompts:
         raise UsageError(f"generate_batch: {len(prompts)} prompts and {len(seeds)} seeds")
-    model = getattr(pipe, "artaug_model_name", "flux-dev")
-    steps = default_steps(model) if steps is None else steps
-    height = default_size(model) if height is None else height
-    width = default_size(model) if width is None else width
+    model, steps, height, width = _with_defaults(pipe, steps, height, width)
     for p in prompts:
         check_generation_args(p, steps=steps, height=height, width=width, embedded_guidance=embedded_guidance)
     t5_length = t5_sequence_length(model)

@@ -9,6 +9,7 @@ needs a `model_hash` because the loader reads it from every entry.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import logging
@@ -65,14 +66,17 @@ def our_entries() -> list[dict]:
     return [e for e in _registry().MODEL_CONFIGS if e.get(_MARK)]
 
 
-def all_entries() -> list[dict]:
+@functools.cache
+def all_entries() -> tuple[dict, ...]:
     """Every entry we register: the tiny FLUX models' and the tiny metric checkpoints' (the
-    latter let the tests load diffsynth.metrics offline), each marked with `_artaug_ext`."""
+    latter let the tests load diffsynth.metrics offline), each marked with `_artaug_ext`.
+    Computed once a process (the hashes come from building every model on `meta`, 0.3 s):
+    `register()` runs on every pipeline load."""
     from .tiny.metrics import metric_model_entries
     from .tiny.spec import SPECS
 
     entries = [dict(e, **{_MARK: spec.name}) for spec in SPECS.values() for e in tiny_model_entries(spec)]
-    return entries + metric_model_entries()
+    return tuple(entries + metric_model_entries())
 
 
 def register() -> int:

@@ -10,18 +10,24 @@ import torch
 from helpers import kill_when_paused
 from PIL import Image
 
+from artaug_ext.eval.prompts import read_prompt_file
 from artaug_ext.interact.dataset import (
     InteractConfig,
     atomic_write_bytes,
     export_pairs,
     merge_manifests,
     read_manifest,
-    read_prompts,
     run_interact,
 )
 from artaug_ext.interact.parse import Suggestion
 from artaug_ext.interact.pictures import pair_picture
 from artaug_ext.interact.scorers import FilterConfig, HeuristicScorer, keep_pair, make_scorer
+
+
+def read_prompts(path):
+    """What `artaug interact --prompts` reads."""
+    return [item.prompt for item in read_prompt_file(path)]
+
 
 PROMPTS = ["a red circle on a blue background, dim light", "a yellow star in the top left, bright light",
            "a white square on a black background, overexposed", "a green triangle in the center"]

@@ -121,13 +121,12 @@ def check_input_file(option: str, path: str) -> None:
 def check_lora_file(option: str, path: str) -> None:
     """A LoRA file exists and, unless it is a torch pickle, is a complete safetensors file
     (its header is read; nothing is loaded)."""
-    from ..files import check_safetensors
+    from ..files import LORA_FILE_FIX, TORCH_PICKLE_SUFFIXES, check_safetensors
 
     if not os.path.exists(path):
         raise UsageError(f"{option} {path}: no such file")
-    if os.path.isfile(path) and not path.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        check_safetensors(path, "give a LoRA in .safetensors (or a PEFT folder); re-download or re-export a "
-                                "truncated file")
+    if os.path.isfile(path) and not path.endswith(TORCH_PICKLE_SUFFIXES):
+        check_safetensors(path, LORA_FILE_FIX)
 
 
 def check_device(option: str, device: str | None) -> None:

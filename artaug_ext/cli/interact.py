@@ -11,6 +11,7 @@ from .args import (
     DEFAULT_MAX_PIXELS,
     check_device,
     check_image_size,
+    check_input_file,
     check_lora_file,
     check_model_dir,
     check_output_dir,
@@ -31,7 +32,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("interact", help="ArtAug interaction loop: generate, critique, enhance, filter; "
                        "writes a resumable pair dataset")
-    p.add_argument("--prompts", required=True, help="prompt file: one prompt a line (# comments), or JSONL with \"prompt\"")
+    p.add_argument("--prompts", required=True, help="prompt file: one prompt a line (# comments), JSONL with \"prompt\", "
+                   "or any format `artaug eval` reads")
     p.add_argument("--out", required=True, help="run folder (created; re-run with the same settings to resume)")
     p.add_argument("--model", default="tiny", choices=base_models(), help="base model (default tiny)")
     p.add_argument("--model-dir", default=None, help="model root (default: ARTAUG_HOME, DIFFSYNTH_MODEL_BASE_PATH, ~/.cache/artaug)")
@@ -78,16 +80,17 @@ def add_parsers(sub) -> None:
 def config_from_args(args):
     """The run's InteractConfig, with every check that needs no model done first."""
     from ..cards import card
-    from ..interact.dataset import InteractConfig, read_prompts
+    from ..eval.prompts import read_prompt_file
+    from ..interact.dataset import InteractConfig
     from ..interact.scorers import FilterConfig
 
     check_output_dir("--out", args.out)
-    prompts = read_prompts(args.prompts)
+    check_input_file("--prompts", args.prompts)
+    prompts = [item.prompt for item in read_prompt_file(args.prompts)]
     for path, _ in args.lora:
         check_lora_file("--lora", path)
     size = card(args.model).defaults.size
-    width, height = args.size if args.size else (size, size)
-    check_image_size(width, height, args.max_pixels, "--size")
+    check_image_size(*(args.size or (size, size)), args.max_pixels, "--size")
     if args.critic == "openai":
         options = {"base_url": args.critic_base_url, "model": args.critic_model, "api_key_env": args.critic_key_env,
                    "convention": args.critic_convention, "max_concurrency": args.critic_concurrency,

@@ -165,7 +165,7 @@ def read_prompt_file(path: str) -> list[PromptItem]:
     items = _READERS[kind](path, lines)
     if not items:
         raise FileFormatError(path, "no prompts in this file", "put prompts in it, or name another file")
-    logger.info("read %d prompts in %d categories from %s (%s)", len(items), len({i.category for i in items}),
+    logger.debug("read %d prompts in %d categories from %s (%s)", len(items), len({i.category for i in items}),
                 path, kind)
     return items
 

@@ -17,7 +17,6 @@ generates the prompts p with p % world == rank, and the main process scores.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import ArtaugError, UsageError
-from ..files import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json, recorded_difference
 from .prompts import PromptItem
 from .scoring import ScoreCache, image_sha256, metric_kinds
 from .stats import summarize_metric
@@ -99,15 +98,12 @@ def item_seed(cfg: EvalConfig, p: int, k: int) -> int:
 
 def _check_folder(out_dir: str, cfg: EvalConfig) -> None:
     path = os.path.join(out_dir, "eval.json")
-    ident = json.loads(json.dumps({"format": EVAL_FORMAT, **cfg.identity()}))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != ident:
-            key = next(k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k))
-            raise UsageError(f"--out {out_dir} belongs to another eval ({key} differs); use a new --out "
-                             "(nothing in it was changed)")
-    else:
+    ident = {"format": EVAL_FORMAT, **cfg.identity()}
+    diff = recorded_difference(path, ident)
+    if diff:
+        raise UsageError(f"--out {out_dir} belongs to another eval ({diff}); use a new --out "
+                         "(nothing in it was changed)")
+    if not os.path.exists(path):
         atomic_write_json(path, ident, shared=True)
 
 
@@ -207,11 +203,10 @@ def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str]) -> dict:
             by_cat = {}
             for cat in sorted(set(categories[ok])):
                 sel = ok & (categories == cat)
-                if sel.sum() >= 1:
-                    d = a[sel] - b[sel]
-                    by_cat[cat] = {"n": int(sel.sum()), "mean_a": float(a[sel].mean()), "mean_b": float(b[sel].mean()),
-                                   "mean_diff": float(d.mean()),
-                                   "win_rate": float((np.sign(d) + 1).mean() / 2)}
+                d = a[sel] - b[sel]
+                # ties half, as stats.win_rate (which wants 2 pairs; a category may hold one)
+                by_cat[cat] = {"n": int(sel.sum()), "mean_a": float(a[sel].mean()), "mean_b": float(b[sel].mean()),
+                               "mean_diff": float(d.mean()), "win_rate": float((np.sign(d) + 1).mean() / 2)}
             row["by_category"] = by_cat
             rows[metric] = row
         for metric, why in UNAVAILABLE.items():

@@ -45,6 +45,7 @@ from ..files import (
     json_line,
     read_jsonl,
     read_text_lines,
+    recorded_difference,
     sha256_file,
 )
 from .constants import DEFAULT_REGION_SCALE
@@ -113,27 +114,6 @@ def sha256_path(path: str) -> str:
     return h.hexdigest()
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one a line; blank lines and #comments skipped) or JSONL {"prompt": ...}."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--prompts {path}: no such file")
-    prompts = []
-    for n, line in enumerate(read_text_lines(path, "prompt file"), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                line = json.loads(line)["prompt"]
-            except (ValueError, KeyError, TypeError):
-                raise FileFormatError(f"{path}:{n}", 'expected a JSON object with a "prompt"',
-                                      "fix that line, or use a .txt file with one prompt a line") from None
-        prompts.append(str(line))
-    if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts in the file (one a line; # starts a comment)")
-    return prompts
-
-
 def dist_info() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun / accelerate launch, else (0, 1, 0)."""
     rank = int(os.environ.get("RANK", os.environ.get("PMI_RANK", 0)))
@@ -187,16 +167,12 @@ def _settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], critic
 
 def _check_run_json(run_dir: str, settings: dict) -> None:
     path = os.path.join(run_dir, "run.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        if diff:
-            k = diff[0]
-            raise UsageError(f"--out {run_dir} holds a run with other settings ({k}: {str(old.get(k))[:80]} -> "
-                             f"{str(settings.get(k))[:80]}); resume with the same settings or use a new --out")
-        return
-    atomic_write_json(path, settings, shared=True)
+    diff = recorded_difference(path, settings)
+    if diff:
+        raise UsageError(f"--out {run_dir} holds a run with other settings ({diff}); resume with the same settings "
+                         "or use a new --out")
+    if not os.path.exists(path):
+        atomic_write_json(path, settings, shared=True)
 
 
 def shard_path(run_dir: str, rank: int, world: int) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArtaugError, FileFormatError
-from ..files import check_safetensors
+from ..files import LORA_FILE_FIX, TORCH_PICKLE_SUFFIXES, check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -300,9 +300,6 @@ def _map_kohya_unet(rest: str):
 
 # --- reading ----------------------------------------------------------------------------
 
-_LORA_FIX = "give a LoRA in .safetensors (or a PEFT folder); re-download or re-export a truncated file"
-
-
 def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) from a state dict, a .safetensors/.pt file or a PEFT folder.
     A state dict given by the caller is never modified. A file that is truncated, empty, not
@@ -337,9 +334,9 @@ def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
     with open(path, "rb") as f:
         magic = f.read(8)
     if not magic:
-        raise FileFormatError(path, "the file is empty", _LORA_FIX)
-    if not path.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        check_safetensors(path, _LORA_FIX)
+        raise FileFormatError(path, "the file is empty", LORA_FILE_FIX)
+    if not path.endswith(TORCH_PICKLE_SUFFIXES):
+        check_safetensors(path, LORA_FILE_FIX)
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
@@ -353,9 +350,9 @@ def read_lora(source) -> tuple[dict[str, torch.Tensor], dict]:
                                   "weights_only=True, so one holding other objects is refused",
                                   "convert it to .safetensors with a tool you trust") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise FileFormatError(path, "does not hold a dict of tensors", _LORA_FIX)
+            raise FileFormatError(path, "does not hold a dict of tensors", LORA_FILE_FIX)
     if not sd:
-        raise FileFormatError(path, "holds no tensors", _LORA_FIX)
+        raise FileFormatError(path, "holds no tensors", LORA_FILE_FIX)
     return sd, meta
 
 

@@ -9,7 +9,7 @@ the fix, found before any model is loaded.
     [critic]   the understanding backend (heuristic, openai, transformers) and its options
     [filter]   the scorer and the rule that keeps a pair, and the share of kept pairs trained on
     [enhance]  the regional blend's scale
-    [train]    the differential LoRA (artaug_ext.train.differential.LoRATrainSettings)
+    [train]    the differential LoRA (artaug_ext.train.settings.LoRATrainSettings)
     [eval]     the held-out check of the result (optional)
     [estimate] figures the --dry-run GPU-hours estimate assumes (optional; defaults documented)
 """
@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..errors import FileFormatError, UsageError
-from ..train.differential import LoRATrainSettings
+from ..train.settings import LoRATrainSettings
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -36,7 +36,7 @@ import time
 import torch
 
 from ..errors import UsageError
-from ..files import FolderLock, atomic_write_json, read_jsonl
+from ..files import FolderLock, atomic_write_json, recorded_difference
 from .config import Recipe
 
 logger = logging.getLogger(__name__)
@@ -52,26 +52,14 @@ def round_dir(out_dir: str, r: int) -> str:
 def _check_run_json(out_dir: str, recipe: Recipe, main: bool) -> None:
     path = os.path.join(out_dir, "run.json")
     resolved = {"format": RUN_FORMAT, "recipe": recipe.to_dict(), "prompts": recipe.prompts()}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(resolved)):
-            diff = _first_difference(old, json.loads(json.dumps(resolved)))
-            raise UsageError(f"--out {out_dir} holds a run of another recipe ({diff}); resume with the same recipe "
-                             "or use a new --out (nothing there was changed)")
-        return
-    if main:
+    diff = recorded_difference(path, resolved)
+    if diff:
+        raise UsageError(f"--out {out_dir} holds a run of another recipe ({diff}); resume with the same recipe "
+                         "or use a new --out (nothing there was changed)")
+    if main and not os.path.exists(path):
         atomic_write_json(path, resolved, shared=True)
         if recipe.path and os.path.isfile(recipe.path):
             shutil.copyfile(recipe.path, os.path.join(out_dir, "recipe.toml"))
-
-
-def _first_difference(a, b, prefix="") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return f"{prefix}: {str(a)[:60]} -> {str(b)[:60]}"
 
 
 class RecipeRun:
@@ -366,7 +354,10 @@ def round_records(out_dir: str) -> list[dict]:
 def stage_losses(out_dir: str, r: int) -> dict[str, list[float]]:
     """Per-step losses of a round's stages (for reports)."""
     folder = round_dir(out_dir, r)
+    from ..train.loop import LOSS_LOG, read_loss_log
+
     out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "**", "loss.jsonl"), recursive=True)):
-        out[os.path.relpath(os.path.dirname(path), folder)] = [x["loss"] for x in read_jsonl(path, what="loss log")]
+    for path in sorted(glob.glob(os.path.join(folder, "**", LOSS_LOG), recursive=True)):
+        stage = os.path.dirname(path)
+        out[os.path.relpath(stage, folder)] = [x["loss"] for x in read_loss_log(stage)]
     return out

@@ -9,7 +9,6 @@ what the latents depend on, and a cache built with other settings is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FileFormatError, UsageError
-from ..files import atomic_write_json, check_safetensors, save_safetensors
+from ..files import atomic_write_json, check_safetensors, recorded_difference, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +65,11 @@ def _item_path(cache_dir: str, pair_id: str) -> str:
 
 def _check_info(cache_dir: str, info: dict) -> None:
     path = os.path.join(cache_dir, INFO_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = [k for k in sorted(set(old) | set(info)) if old.get(k) != info.get(k)]
-        if diff:
-            raise UsageError(f"{cache_dir} caches latents made with other settings ({diff[0]}: {old.get(diff[0])!r} -> "
-                             f"{info.get(diff[0])!r}); delete the folder to build it again")
-    else:
+    diff = recorded_difference(path, info)
+    if diff:
+        raise UsageError(f"{cache_dir} caches latents made with other settings ({diff}); delete the folder to "
+                         "build it again")
+    if not os.path.exists(path):
         atomic_write_json(path, info, shared=True)
 
 

@@ -20,62 +20,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ..errors import UsageError
 from ..files import atomic_write_json, check_safetensors
 from .cache import LatentCache
-from .flow import TIMESTEP_SAMPLING, FlowMatchObjective, FluxDenoiser
+from .flow import FlowMatchObjective, FluxDenoiser
 from .loop import TrainConfig, read_loss_log, train
-from .lora import FLUX_LORA_TARGETS, inject_lora, lora_state_dict, remove_lora, save_lora
+from .lora import inject_lora, lora_state_dict, remove_lora, save_lora
+from .settings import MODES, LoRATrainSettings  # noqa: F401  (MODES: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
-MODES = ("batched", "per-pair", "sft")
 LORA_FILE = "lora.safetensors"
-
-
-@dataclass
-class LoRATrainSettings:
-    """How a round's LoRA is trained (the recipe's [train] table)."""
-
-    mode: str = "batched"
-    rank: int = 16
-    alpha: float | None = None  # None: alpha = rank (scale 1)
-    target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
-    lr: float = 1e-4
-    steps_stage1: int = 100
-    steps_stage2: int = 100
-    batch_size: int = 1
-    grad_accum: int = 1
-    resolution: int | None = None  # longer side of the training images (None: as generated)
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    timestep_sampling: str = "diffsynth"
-    weighting: str = "diffsynth"
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    guidance: float = 3.5
-    checkpoint_every: int = 50
-    log_with: str | None = None  # tensorboard | wandb (accelerate trackers)
-    per_pair_rank: int | None = None  # per-pair: rank of the averaged LoRA (None: `rank`; >= pairs x rank: exact)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"train.mode {self.mode!r}: use one of {', '.join(MODES)}")
-        if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise UsageError(f"train.timestep_sampling {self.timestep_sampling!r}: use {', '.join(TIMESTEP_SAMPLING)}")
-        for name in ("rank", "batch_size", "grad_accum", "steps_stage2"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"train.{name} must be positive, not {getattr(self, name)}")
-        if self.mode != "sft" and self.steps_stage1 <= 0:
-            raise UsageError(f"train.steps_stage1 must be positive in mode {self.mode!r}")
-        if not self.lr > 0:
-            raise UsageError(f"train.lr must be positive, not {self.lr}")
 
 
 @dataclass
@@ -85,6 +44,11 @@ class RoundLoRA:
     state: dict[str, torch.Tensor]
     path: str
     info: dict
+
+
+def _losses(folder: str) -> list[float]:
+    """The per-step losses of a stage, from its loss log."""
+    return [r["loss"] for r in read_loss_log(folder)]
 
 
 def _stage_done(folder: str) -> bool:
@@ -148,9 +112,7 @@ def _differential(dit, cache, settings, folder, seed, accelerator, progress) -> 
                             settings.steps_stage2, accelerator, progress)
     finally:
         unload_lora(dit, report.handle)  # bit-exact restore of the base
-    losses = {"stage1": [r["loss"] for r in read_loss_log(os.path.join(folder, "stage1"))],
-              "stage2": [r["loss"] for r in read_loss_log(os.path.join(folder, "stage2"))]}
-    return lora2, losses
+    return lora2, {stage: _losses(os.path.join(folder, stage)) for stage in ("stage1", "stage2")}
 
 
 def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATrainSettings, folder: str,
@@ -167,7 +129,7 @@ def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATra
     if settings.mode == "sft":
         state = train_stage(dit, cache, "enhanced", settings, os.path.join(folder, "stage2"), settings.seed,
                             settings.steps_stage2, accelerator, progress)
-        info["losses"] = {"stage2": [r["loss"] for r in read_loss_log(os.path.join(folder, "stage2"))]}
+        info["losses"] = {"stage2": _losses(os.path.join(folder, "stage2"))}
     elif settings.mode == "batched":
         state, info["losses"] = _differential(dit, cache, settings, folder, settings.seed, accelerator, progress)
     else:

@@ -6,8 +6,7 @@ import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
 from ..errors import UsageError
-
-TIMESTEP_SAMPLING = ("diffsynth", "logit-normal")
+from .settings import TIMESTEP_SAMPLING
 
 
 class FluxDenoiser(torch.nn.Module):

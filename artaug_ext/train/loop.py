@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import UsageError
-from ..files import append_line, atomic_write_json, read_jsonl
+from ..files import append_line, atomic_write_json, first_difference, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -218,12 +218,10 @@ def _load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scheduler, a
     if info.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: a checkpoint of another format ({info.get('format')}); delete the folder "
                          f"{cfg.output_dir} to start this training again")
-    old, new = info.get("config", {}), cfg.identity()
-    diff = [k for k in sorted(set(old) | set(new)) if json.dumps(old.get(k)) != json.dumps(new.get(k), default=list)]
+    diff = first_difference(info.get("config", {}), cfg.identity())
     if diff:
-        k = diff[0]
-        raise UsageError(f"{cfg.output_dir} holds a training with other settings ({k}: {old.get(k)!r} -> "
-                         f"{new.get(k)!r}); resume with the same settings or use a new output folder")
+        raise UsageError(f"{cfg.output_dir} holds a training with other settings ({diff}); resume with the same "
+                         "settings or use a new output folder")
     params = trainable_parameters(accelerator.unwrap_model(model))
     saved = load_file(os.path.join(path, "trainable.safetensors"))
     if set(saved) != set(params):

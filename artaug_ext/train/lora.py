@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
+from .settings import FLUX_LORA_TARGETS
 
-# DiffSynth's default FLUX LoRA targets (its FLUX training examples).
-FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b.2", "a_to_out", "b_to_out",
-                     "proj_out", "norm.linear", "norm1_a.linear", "norm1_b.linear", "to_qkv_mlp")
 ADAPTER = "default"  # PEFT's adapter name: DiffSynth's training output keys carry it (".lora_A.default.weight")
 # Metadata of our training-format files (DiffSynth's keys, alpha / rank folded into lora_B).
 TRAINING_FORMAT = "artaug-diffsynth-lora-v1"
