@@ -4,7 +4,7 @@ import os
 import time
 
 import numpy as np
-from helpers import make_fake_flux_dev, run_cli
+from helpers import REPO, make_fake_flux_dev, run_cli
 from PIL import Image
 
 
@@ -52,7 +52,8 @@ def _probe(*args, env=None):
 def test_help_version_and_argument_errors_import_neither_torch_nor_diffsynth():
     for args, rc in ((["--help"], 0), (["--version"], 0), (["generate", "--help"], 0), (["generat"], 2),
                      (["generate", "--prompt", "x", "--height", "100"], 2),
-                     (["generate", "--prompt", "x", "--guidance", "nan"], 2)):
+                     (["generate", "--prompt", "x", "--guidance", "nan"], 2),
+                     (["run", os.path.join(REPO, "recipes", "smoke.toml"), "--dry-run"], 0)):
         r = _probe(*args)
         assert r.returncode == rc, (args, r.stderr)
         assert "heavy imports: []" in r.stderr, (args, r.stderr)
