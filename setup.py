@@ -18,11 +18,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["artaug_ext", "artaug_ext.*"]) + ["artaug_kernels", "artaug_recipes"],
-    # The Triton kernels live in kernels/ but install as `artaug_kernels`: a top-level
-    # package named `kernels` would shadow Hugging Face's `kernels` package, which
-    # DiffSynth and transformers probe for.
+    # The Triton kernels live in kernels/artaug_kernels/ and install as `artaug_kernels`.
+    # kernels/ itself holds no __init__.py: from the repository root a regular package named
+    # `kernels` would shadow Hugging Face's `kernels` package, which transformers >= 5.25
+    # imports (CUDAProperties) and DiffSynth probes for.
     # The recipes (recipes/) install as `artaug_recipes`, so `artaug demo` finds them in any install.
-    package_dir={"artaug_kernels": "kernels", "artaug_recipes": "recipes"},
+    package_dir={"artaug_kernels": "kernels/artaug_kernels", "artaug_recipes": "recipes"},
     package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*"],
                   "artaug_recipes": ["*.toml", "*.txt", "accelerate/*.yaml"]},
     include_package_data=True,

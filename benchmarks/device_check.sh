@@ -7,7 +7,7 @@
 #   bash benchmarks/device_check.sh --dry-run  # on CPU: tiny shapes, proves the plumbing
 #
 # On the lent GPU machine (no diffsynth/modelscope there), wheels carried in .whl/ are
-# installed into /tmp/site first; `artaug_kernels` is mapped onto kernels/ without pip.
+# installed into /tmp/site first; `artaug_kernels` is mapped onto kernels/artaug_kernels/ without pip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=""
@@ -22,7 +22,7 @@ if ! python3 -c "import artaug_kernels" 2>/dev/null; then
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
   fi
-  ln -sfn "$PWD/kernels" "$SITE/artaug_kernels"
+  ln -sfn "$PWD/kernels/artaug_kernels" "$SITE/artaug_kernels"
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

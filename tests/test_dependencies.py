@@ -14,7 +14,7 @@ import sys
 from helpers import REPO
 
 # Imports that are not distributions: our own packages.
-OURS = {"artaug_ext", "artaug_kernels", "kernels"}
+OURS = {"artaug_ext", "artaug_kernels"}
 
 
 def _imported_top_levels() -> dict[str, list[str]]:
