@@ -47,6 +47,7 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     # playwright drives the system Chromium in the report tests (its own browser download is never used)
-    extras_require={"test": ["pytest>=7", "ruff", "playwright"]},
+    # import-linter checks the README's architecture table (.importlinter) in the tests
+    extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
 )

@@ -5,11 +5,11 @@ loads its module on first use, and our models are registered into DiffSynth's re
 DiffSynth imports it (see `artaug_ext.diffsynth_hook`).
 """
 
-import importlib
 import logging
 
 from . import diffsynth_hook
 from .errors import ArtaugError, FileFormatError, NonFiniteError, UsageError  # noqa: F401  (public)
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -26,16 +26,5 @@ _LAZY = {
     "KernelPatchError": "patch",
 }
 
-__all__ = sorted([*_LAZY, "ArtaugError", "FileFormatError", "NonFiniteError", "UsageError", "__version__"])
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__, _LAZY, eager=("ArtaugError", "FileFormatError", "NonFiniteError", "UsageError", "__version__"))

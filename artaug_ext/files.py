@@ -7,12 +7,13 @@ nothing and a second process on the same folder is refused instead of corrupting
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 
-from .errors import FileFormatError, RunLockedError
+from .errors import FileFormatError, RunLockedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,40 @@ def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_sha256_file(path: str, cache_file: str) -> str:
+    """sha256 of a file, remembered in `cache_file` by (real path, size, mtime): FLUX.1-dev's
+    files are 30+ GB, and every start and every rank would otherwise hash them again."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}  # a missing or damaged cache costs one hash, nothing else
+    if key in cache:
+        return cache[key]
+    digest = sha256_file(real)
+    if st.st_size >= 64 << 20:  # only big files are worth remembering
+        cache[key] = digest
+        try:
+            atomic_write_bytes(cache_file, json.dumps(cache, indent=0).encode(), shared=True)
+        except OSError:
+            pass
+    return digest
+
+
+def sha256_path(path: str, cache_file: str) -> str:
+    """sha256 of a file (through the cache), or of a folder's files (names and contents, sorted)."""
+    if os.path.isfile(path):
+        return cached_sha256_file(path, cache_file)
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            h.update(os.path.relpath(p, path).encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -89,8 +124,9 @@ def atomic_write_json(path: str, obj, shared: bool = False) -> None:
 
 
 def first_difference(old, new, prefix: str = "") -> str | None:
-    """Where two JSON-like values first differ, as "key.subkey: old -> new" (None if equal);
-    tuples compare as the lists JSON makes of them."""
+    """Where two JSON-like values first differ, as "key.subkey[2].name: old -> new" (None if
+    equal), recursing into dicts and into lists of equal length; tuples compare as the lists
+    JSON makes of them."""
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
     if old == new:
         return None
@@ -98,7 +134,21 @@ def first_difference(old, new, prefix: str = "") -> str | None:
         for k in sorted(set(old) | set(new)):
             if old.get(k) != new.get(k):
                 return first_difference(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                return first_difference(a, b, f"{prefix or 'value'}[{i}]")
     return f"{prefix or 'value'}: {str(old)[:80]} -> {str(new)[:80]}"
+
+
+def read_json(path: str, what: str, fix: str):
+    """A JSON file's value; a file that does not decode or parse raises naming it, what it is
+    and the fix (never a bare UnicodeDecodeError or JSONDecodeError)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FileFormatError(path, f"this {what} is not valid JSON ({type(e).__name__}: {str(e)[:80]})", fix) from None
 
 
 def recorded_difference(path: str, record: dict) -> str | None:
@@ -106,8 +156,19 @@ def recorded_difference(path: str, record: dict) -> str | None:
     or equal): how a folder tells that a resume has other settings than the run that made it."""
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return first_difference(json.load(f), record)
+    return first_difference(read_json(path, "settings record", "delete the folder it is in and run again"), record)
+
+
+def record_settings(path: str, settings: dict, refusal: str, write: bool = True) -> None:
+    """The settings record of a folder: refuse (UsageError `refusal` with "{diff}" filled in by
+    the first difference) when `path` records other settings, else write it if absent. Every resumable folder
+    (a run, a pair dataset, a latent cache, an eval) keeps its record this way; several ranks
+    may write it at once (`shared`)."""
+    diff = recorded_difference(path, settings)
+    if diff:
+        raise UsageError(refusal.format(diff=diff))
+    if write and not os.path.exists(path):
+        atomic_write_json(path, settings, shared=True)
 
 
 def append_line(path: str, record: dict) -> None:

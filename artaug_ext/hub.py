@@ -70,6 +70,11 @@ def model_root(model_dir: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
+def hash_cache_file(model_dir: str | None = None) -> str:
+    """Where file hashes are remembered (`files.cached_sha256_file`): one file in the model root."""
+    return os.path.join(model_root(model_dir), ".artaug-sha256-cache.json")
+
+
 def download_source() -> str:
     return os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope").strip().lower()
 

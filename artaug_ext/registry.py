@@ -55,6 +55,23 @@ def tiny_model_entries(spec) -> list[dict]:
     ]
 
 
+def metric_model_entries() -> list[dict]:
+    """MODEL_CONFIGS entries for the tiny metric checkpoints, one per (hash, model name)."""
+    from .tiny.metrics import MARK, metric_model_specs
+
+    entries: dict[tuple[str, str], dict] = {}
+    for spec in metric_model_specs():
+        entry = dict(model_hash=keys_hash(spec["shapes"]), model_name=spec["model_name"],
+                     model_class=spec["model_class"], state_dict_converter=spec["state_dict_converter"],
+                     extra_kwargs=spec["extra_kwargs"], **{_MARK: MARK})
+        key = (entry["model_hash"], entry["model_name"])
+        if key in entries and entries[key] != entry:
+            raise ValueError(f"tiny metric {spec['name']!r}: same file hash as another spec but a different entry; "
+                             "give it its own sizes in TINY_METRICS (artaug_ext/tiny/metrics.py)")
+        entries[key] = entry
+    return list(entries.values())
+
+
 def _registry():
     """DiffSynth's registry module. Through sys.modules, not `diffsynth.configs`: registration
     also runs from the import hook while `diffsynth.configs` is being imported, before the
@@ -72,7 +89,6 @@ def all_entries() -> tuple[dict, ...]:
     latter let the tests load diffsynth.metrics offline), each marked with `_artaug_ext`.
     Computed once a process (the hashes come from building every model on `meta`, 0.3 s):
     `register()` runs on every pipeline load."""
-    from .tiny.metrics import metric_model_entries
     from .tiny.spec import SPECS
 
     entries = [dict(e, **{_MARK: spec.name}) for spec in SPECS.values() for e in tiny_model_entries(spec)]

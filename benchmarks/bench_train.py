@@ -29,6 +29,7 @@ def measure(pipe, batch: int, size: int, steps: int, repeats: int) -> dict:
         FluxDenoiser,
         SampleRandom,
         TrainConfig,
+        TrainSettings,
         inject_lora,
         remove_lora,
         train,
@@ -68,8 +69,9 @@ def measure(pipe, batch: int, size: int, steps: int, repeats: int) -> dict:
                 bare_step()
             bare.append((time.perf_counter() - t) / steps)
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = TrainConfig(os.path.join(tmp, f"s{r}"), steps=steps, batch_size=batch, lr=1e-4, checkpoint_every=0,
-                                  progress=False, log_every=0, schedule="constant")
+                cfg = TrainConfig(os.path.join(tmp, f"s{r}"), steps=steps,
+                                  settings=TrainSettings(batch_size=batch, lr=1e-4, checkpoint_every=0, schedule="constant"),
+                                  betas=(0.9, 0.999), min_lr_ratio=0.05, progress=False, log_every=0)
                 result = train(denoiser, loss_fn, lambda idx: cache.batch("enhanced", idx), n, cfg)
                 loop.append(result.seconds / steps)
     finally:

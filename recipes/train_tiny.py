@@ -61,7 +61,7 @@ from artaug_ext.tiny import layout
 from artaug_ext.tiny.models import TinyFluxDiT, TinyFluxVAEDecoder, TinyFluxVAEEncoder
 from artaug_ext.tiny.spec import SPECS
 from artaug_ext.tiny.trained import export_model_files
-from artaug_ext.train import FlowMatchObjective, FluxDenoiser, TrainConfig, train
+from artaug_ext.train import FlowMatchObjective, FluxDenoiser, TrainConfig, TrainSettings, train
 from artaug_ext.train.loop import DONE_FILE, TrainResult, latest_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_tiny")
@@ -323,9 +323,10 @@ def finetune_decoder(args, device: str) -> dict:
         return (y.float() - x).abs().mean() + ((y.float() - x) ** 2).mean()
 
     cfg = TrainConfig(output_dir=os.path.join(args.work_dir, "decoder"), steps=args.vae_steps,
-                      batch_size=args.vae_batch, lr=args.vae_lr, warmup_steps=min(50, args.vae_steps // 10),
-                      schedule="cosine", seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      time_budget_s=args.vae_time, log_every=50)
+                      settings=TrainSettings(batch_size=args.vae_batch, lr=args.vae_lr,
+                                             warmup_steps=min(50, args.vae_steps // 10), schedule="cosine",
+                                             seed=args.seed, checkpoint_every=args.checkpoint_every),
+                      betas=(0.9, 0.999), min_lr_ratio=0.05, time_budget_s=args.vae_time, log_every=50)
     fit = fit_steps_to_budget(cfg, args.vae_time, args.vae_steps)
     res = train(vae, loss, get, len(images), cfg, accelerator=make_accelerator(cfg, cpu=device == "cpu"),
                 on_step=lambda step, _: fit(step))
@@ -392,9 +393,11 @@ def train_dit_with_ema(args, dit, data: dict, output_dir: str, device: str, warm
     denoiser = FluxDenoiser(dit, use_gradient_checkpointing=args.gradient_checkpointing)
     objective = FlowMatchObjective(weighting="uniform")
     cfg = TrainConfig(
-        output_dir=output_dir, steps=args.dit_steps, batch_size=args.dit_batch, grad_accum=args.grad_accum,
-        lr=args.dit_lr, warmup_steps=min(warmup_cap, args.dit_steps // 10), schedule="cosine", seed=args.seed,
-        checkpoint_every=args.checkpoint_every, time_budget_s=args.dit_time, log_every=log_every,
+        output_dir=output_dir, steps=args.dit_steps,
+        settings=TrainSettings(batch_size=args.dit_batch, grad_accum=args.grad_accum, lr=args.dit_lr,
+                               warmup_steps=min(warmup_cap, args.dit_steps // 10), schedule="cosine", seed=args.seed,
+                               checkpoint_every=args.checkpoint_every),
+        betas=(0.9, 0.999), min_lr_ratio=0.05, time_budget_s=args.dit_time, log_every=log_every,
     )
     accelerator = make_accelerator(cfg, cpu=device == "cpu")
 
@@ -489,9 +492,10 @@ def main(argv=None) -> int:
     vae_images, _ = render_dataset(args.work_dir, "vae", args.vae_scenes, args.vae_size, VAE_SEED_BASE, args.workers)
     vae = VAEPair(spec.vae["channels"])
     vae_cfg = TrainConfig(
-        output_dir=os.path.join(args.work_dir, "vae"), steps=args.vae_steps, batch_size=args.vae_batch,
-        lr=args.vae_lr, warmup_steps=min(200, args.vae_steps // 10), schedule="cosine", seed=args.seed,
-        checkpoint_every=args.checkpoint_every, time_budget_s=args.vae_time, log_every=200,
+        output_dir=os.path.join(args.work_dir, "vae"), steps=args.vae_steps,
+        settings=TrainSettings(batch_size=args.vae_batch, lr=args.vae_lr, warmup_steps=min(200, args.vae_steps // 10),
+                               schedule="cosine", seed=args.seed, checkpoint_every=args.checkpoint_every),
+        betas=(0.9, 0.999), min_lr_ratio=0.05, time_budget_s=args.vae_time, log_every=200,
     )
     get_vae = lambda idx: {"images": torch.from_numpy(np.stack([vae_images[i] for i in idx]))}  # noqa: E731
     t0 = time.perf_counter()

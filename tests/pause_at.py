@@ -36,7 +36,7 @@ def pause() -> None:
 
 def install() -> None:
     from artaug_ext import files
-    from artaug_ext.interact import dataset
+    from artaug_ext.interact import loop as interact_loop
 
     real_write, real_append = files.atomic_write_bytes, files.append_line
 
@@ -56,19 +56,19 @@ def install() -> None:
             pause()
         return real_append(path, record)
 
-    real_original = dataset.InteractRun.generate_original
+    real_original = interact_loop.InteractRun.generate_original
 
     def original(self, prompt_index, image_index):
         if hit("item"):
             pause()
         return real_original(self, prompt_index, image_index)
 
-    for module in (files, dataset):
+    for module in (files, interact_loop):
         if hasattr(module, "atomic_write_bytes"):
             module.atomic_write_bytes = write
         if hasattr(module, "append_line"):
             module.append_line = append
-    dataset.InteractRun.generate_original = original
+    interact_loop.InteractRun.generate_original = original
     from artaug_ext.train import cache, loop
 
     real_save = cache.save_safetensors

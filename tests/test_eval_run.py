@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from artaug_ext.cli import main
+from artaug_ext.eval.layout import image_path
 from artaug_ext.eval.prompts import PromptItem
-from artaug_ext.eval.run import Arm, EvalConfig, image_path, run_eval
+from artaug_ext.eval.run import Arm, EvalConfig, run_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

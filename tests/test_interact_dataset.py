@@ -11,17 +11,15 @@ from helpers import kill_when_paused
 from PIL import Image
 
 from artaug_ext.eval.prompts import read_prompt_file
-from artaug_ext.interact.dataset import (
-    InteractConfig,
-    atomic_write_bytes,
-    export_pairs,
-    merge_manifests,
-    read_manifest,
-    run_interact,
-)
+from artaug_ext.files import atomic_write_bytes
+from artaug_ext.interact.config import InteractConfig
+from artaug_ext.interact.export import export_pairs
+from artaug_ext.interact.keep import FilterConfig, keep_pair
+from artaug_ext.interact.loop import run_interact
+from artaug_ext.interact.manifest import merge_manifests, read_manifest
 from artaug_ext.interact.parse import Suggestion
 from artaug_ext.interact.pictures import pair_picture
-from artaug_ext.interact.scorers import FilterConfig, HeuristicScorer, keep_pair, make_scorer
+from artaug_ext.interact.scorers import HeuristicScorer, make_scorer
 
 
 def read_prompts(path):
@@ -85,7 +83,7 @@ def test_lora_in_diffsynth_training_format_is_merged(tmp_path, pipe):
     writes them) must change the DiT: DiffSynth's own pipe.load_lora merged 0 tensors of it."""
     from safetensors.torch import save_file
 
-    from artaug_ext.interact.dataset import InteractRun
+    from artaug_ext.interact.loop import InteractRun
 
     w = pipe.dit.blocks[0].attn.a_to_qkv.weight
     g = torch.Generator().manual_seed(0)
@@ -101,7 +99,7 @@ def test_lora_in_diffsynth_training_format_is_merged(tmp_path, pipe):
 
 def test_transformers_critic_stays_on_its_rank_device(tmp_path, pipe, monkeypatch):
     from artaug_ext.interact import critics
-    from artaug_ext.interact.dataset import InteractRun
+    from artaug_ext.interact.loop import InteractRun
 
     seen = {}
     monkeypatch.setattr(critics, "make_critic", lambda name, **options: seen.update(options) or object())

@@ -244,7 +244,8 @@ def test_a_round_that_keeps_nothing_ends_the_run_cleanly(tmp_path, pipe, monkeyp
 
 def test_missing_or_corrupt_pair_image_is_named(reference, tmp_path, pipe):
     from artaug_ext.errors import FileFormatError
-    from artaug_ext.interact.dataset import load_image, read_pairs
+    from artaug_ext.interact.images import load_image
+    from artaug_ext.interact.pairs import read_pairs
 
     ref_dir, _ = reference
     pairs = read_pairs(str(ref_dir / "rounds" / "round-01" / "interact"))

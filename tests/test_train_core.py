@@ -1,6 +1,7 @@
 """The flow-matching training core on a micro FLUX DiT: it learns, it checkpoints, and a
 run resumed from a checkpoint ends bit-identical to one that never stopped."""
 
+import dataclasses
 import os
 
 import pytest
@@ -12,12 +13,15 @@ from artaug_ext.train import (
     FluxDenoiser,
     SampleRandom,
     TrainConfig,
+    TrainSettings,
     inject_lora,
     latest_checkpoint,
     lora_state_dict,
     train,
 )
 from artaug_ext.train.loop import lr_lambda
+
+TRAIN_SETTINGS = {f.name for f in dataclasses.fields(TrainSettings)}
 
 
 def _denoiser():
@@ -38,7 +42,8 @@ def _run(model, out, steps, data, **kw):
     loss = lambda m, b, rng: objective(m, b["latents"], b["prompt_emb"], b["pooled_prompt_emb"], rng)  # noqa: E731
     get = lambda idx: {k: v[idx] for k, v in data.items()}  # noqa: E731
     kw = {"batch_size": 3, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 1, "progress": False, **kw}
-    cfg = TrainConfig(str(out), steps=steps, **kw)
+    hp = {k: kw.pop(k) for k in list(kw) if k in TRAIN_SETTINGS}
+    cfg = TrainConfig(str(out), steps=steps, settings=TrainSettings(**hp), **kw)
     return train(model, loss, get, len(data["latents"]), cfg)
 
 
@@ -98,7 +103,7 @@ def test_objective_uses_diffsynth_training_schedule():
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    cfg = TrainConfig("unused", steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    cfg = TrainConfig("unused", steps=100, min_lr_ratio=0.1, settings=TrainSettings(warmup_steps=10, schedule="cosine"))
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
@@ -144,7 +149,7 @@ def _rank_trains_until_main_says(rank, world, port, out_dir):
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     from artaug_ext.train.loop import make_accelerator
 
-    cfg = TrainConfig(out_dir, steps=8, batch_size=2, lr=1e-3, warmup_steps=1, progress=False, checkpoint_every=0)
+    cfg = TrainConfig(out_dir, steps=8, progress=False, settings=TrainSettings(batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=0))
     accelerator = make_accelerator(cfg, cpu=True)
     assert accelerator.num_processes == world
 
@@ -236,7 +241,7 @@ def test_two_stages_on_one_accelerator_and_a_changed_resume_is_refused(tmp_path)
     from artaug_ext.errors import UsageError
     from artaug_ext.train.loop import make_accelerator
 
-    cfg = TrainConfig(str(tmp_path / "s1"), steps=2, batch_size=3, progress=False, checkpoint_every=1)
+    cfg = TrainConfig(str(tmp_path / "s1"), steps=2, progress=False, settings=TrainSettings(batch_size=3, checkpoint_every=1))
     accelerator = make_accelerator(cfg, cpu=True)
     objective = FlowMatchObjective()
     data = _data()
@@ -245,14 +250,13 @@ def test_two_stages_on_one_accelerator_and_a_changed_resume_is_refused(tmp_path)
     for stage in ("s1", "s2"):
         model = _denoiser()
         inject_lora(model.dit, rank=2, init_seed=1)
-        res = train(model, loss, get, 12, TrainConfig(str(tmp_path / stage), steps=2, batch_size=3, progress=False,
-                                                      checkpoint_every=1), accelerator=accelerator)
+        res = train(model, loss, get, 12, TrainConfig(str(tmp_path / stage), steps=2, progress=False, settings=TrainSettings(batch_size=3, checkpoint_every=1)), accelerator=accelerator)
         assert res.finished
         assert accelerator._models == [] and accelerator._optimizers == []  # a clean accelerator for the next stage
     model = _denoiser()
     inject_lora(model.dit, rank=2, init_seed=1)
     with pytest.raises(UsageError, match=r"holds a training with other settings \(lr: 0.0001 -> 0.001\)"):
-        train(model, loss, get, 12, TrainConfig(str(tmp_path / "s1"), steps=3, batch_size=3, lr=1e-3, progress=False),
+        train(model, loss, get, 12, TrainConfig(str(tmp_path / "s1"), steps=3, progress=False, settings=TrainSettings(batch_size=3, lr=1e-3)),
               accelerator=accelerator)
 
 
@@ -297,7 +301,7 @@ def _rank_trains_a_lora(rank, world, port, out_dir, batch):
     torch.set_num_threads(1)
     from artaug_ext.train.loop import make_accelerator
 
-    cfg = TrainConfig(out_dir, steps=3, batch_size=batch, grad_accum=2, lr=1e-2, progress=False, checkpoint_every=0)
+    cfg = TrainConfig(out_dir, steps=3, progress=False, settings=TrainSettings(batch_size=batch, grad_accum=2, lr=1e-2, checkpoint_every=0))
     accelerator = make_accelerator(cfg, cpu=True)
     model = _denoiser()
     inject_lora(model.dit, rank=2, init_seed=5)

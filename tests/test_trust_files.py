@@ -149,7 +149,8 @@ def test_corrupt_manifest_line_in_the_middle_names_the_line(tmp_path):
 
 
 def test_corrupt_shard_manifest_stops_a_resume_with_the_line(tmp_path, pipe, monkeypatch):
-    from artaug_ext.interact.dataset import InteractConfig, run_interact
+    from artaug_ext.interact.config import InteractConfig
+    from artaug_ext.interact.loop import run_interact
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

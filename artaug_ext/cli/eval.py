@@ -81,16 +81,14 @@ def arms_from_args(args) -> list:
         add(os.path.splitext(os.path.basename(path))[0] + ("" if alpha == 1.0 else f"@{alpha:g}"),
             [(os.path.abspath(path), alpha)])
     if args.run_dir:
-        from ..recipe.runner import round_records
+        from ..recipe.layout import FINAL_LORA, cumulative_round_loras
 
-        rounds = [r for r in round_records(args.run_dir) if r.get("lora")]
+        rounds = cumulative_round_loras(args.run_dir)
         if not rounds:
             raise UsageError(f"--run {args.run_dir}: no finished round with a LoRA (is it an `artaug run` folder?)")
-        so_far = []
-        for r in rounds:
-            so_far.append((os.path.join(os.path.abspath(args.run_dir), r["lora"]), 1.0))
-            add(f"round-{r['round']}", list(so_far))
-        final = os.path.join(args.run_dir, "final", "lora.safetensors")
+        for name, loras in rounds:
+            add(name, loras)
+        final = os.path.join(args.run_dir, FINAL_LORA)
         if os.path.isfile(final):
             add("final", [(os.path.abspath(final), 1.0)])
     if len(arms) < 2:

@@ -81,8 +81,8 @@ def config_from_args(args):
     """The run's InteractConfig, with every check that needs no model done first."""
     from ..cards import card
     from ..eval.prompts import read_prompt_file
-    from ..interact.dataset import InteractConfig
-    from ..interact.scorers import FilterConfig
+    from ..interact.config import InteractConfig
+    from ..interact.keep import FilterConfig
 
     check_output_dir("--out", args.out)
     check_input_file("--prompts", args.prompts)
@@ -123,7 +123,7 @@ def set_threads(threads: int | None, device: str | None) -> None:
 
 
 def run_interact(args) -> int:
-    from ..interact.dataset import run_interact as run_loop
+    from ..interact.loop import run_interact as run_loop
 
     cfg = config_from_args(args)
     check_device("--device", args.device)
@@ -140,7 +140,7 @@ def run_interact(args) -> int:
 
 
 def run_export(args) -> int:
-    from ..interact.dataset import export_pairs
+    from ..interact.export import export_pairs
 
     if not os.path.isdir(os.path.join(args.run_dir, "shards")):
         raise UsageError(f"{args.run_dir}: not a run folder of `artaug interact` (no shards/)")

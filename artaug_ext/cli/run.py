@@ -33,9 +33,10 @@ def run(args) -> int:
 
     recipe = load_recipe(args.recipe)
     if args.dry_run:
+        from ..dist import process_info
         from ..recipe.plan import describe
 
-        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        gpus = args.gpus or process_info().world
         print(describe(recipe, model_dir=args.model_dir, gpus=gpus))
         return 0
     out = args.out or default_out(recipe)
@@ -53,13 +54,14 @@ def run(args) -> int:
 
 def format_summary(summary: dict) -> str:
     lines = [f"run folder {summary['out']}"]
-    for r in summary["rounds"]:
-        line = (f"  round {r['round']}: {r['items']} items, {r['enhanced']} enhanced, {r['kept']} kept "
-                f"({r['kept_fraction']:.0%}), mean gain {r['mean_gain']:.4f}")
-        if r.get("train"):
-            stage = r["train"].get("stage2", {})
-            if stage:
-                line += f"; trained on {r['trained_pairs']} pairs, stage-2 loss {stage['first']:.4f} -> {stage['last']:.4f}"
+    from ..recipe.layout import RoundRecord
+
+    for rec in map(RoundRecord.from_dict, summary["rounds"]):
+        line = (f"  round {rec.round}: {rec.items} items, {rec.enhanced} enhanced, {rec.kept} kept "
+                f"({rec.kept_fraction:.0%}), mean gain {rec.mean_gain:.4f}")
+        stage = (rec.train or {}).get("stage2", {})
+        if stage:
+            line += f"; trained on {rec.trained_pairs} pairs, stage-2 loss {stage['first']:.4f} -> {stage['last']:.4f}"
         lines.append(line)
     if summary.get("stopped"):
         lines.append(f"  stopped: {summary['stopped']}")

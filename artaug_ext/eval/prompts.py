@@ -36,8 +36,19 @@ PROMPT_SETS = ("default", "default/train", "default/test", "tiny-heldout", "tiny
 # default/test is every 5th prompt of the default set (60), default/train the other 240: a recipe
 # trains on one and evaluates on the other, never on a prompt it learned from.
 TEST_EVERY = 5
-# The lighting of tiny-heldout-lit's scenes, in turn: the conditions the heuristic critic fixes, and normal light.
-HELDOUT_LIGHTINGS = ("dim", "overexposed", "backlit", "bright", "normal")
+
+
+
+def heldout_lightings() -> tuple[str, ...]:
+    """The lighting of tiny-heldout-lit's scenes, in turn, from `scenes.LIGHTINGS` (normal, dim,
+    bright, backlit, overexposed): dim light, then the other departures from normal light from
+    the last one back, then normal light: dim, overexposed, backlit, bright, normal, the set as
+    published."""
+    from ..scenes import LIGHTINGS  # scenes imports numpy; text prompt files do not need it
+
+    return (LIGHTINGS[1], *LIGHTINGS[:1:-1], LIGHTINGS[0])
+
+
 # Scenes in the `tiny-heldout` set (`tiny-heldout:N` asks for another number).
 TINY_HELDOUT_SIZE = 256
 # The shipped default set, inside the `artaug_ext` package.
@@ -136,14 +147,15 @@ def _scene_count(spec: str, count: str) -> int:
 def read_tiny_heldout(count: int = TINY_HELDOUT_SIZE, lit: bool = False) -> list[PromptItem]:
     """Captions of the scenes held out of the tiny model's training (`scenes.held_out_scene`), so
     the tiny model is scored on prompts it has never seen; category = the main object's shape.
-    `lit`: the scenes in turn under each of HELDOUT_LIGHTINGS, with its words in the caption
+    `lit`: the scenes in turn under each of `heldout_lightings()`, with its words in the caption
     (category = the lighting): held-out prompts for what the heuristic critic corrects."""
     from ..scenes import held_out_scene  # scenes imports numpy; text prompt files do not need it
 
+    lightings = heldout_lightings()
     items = []
     for i in range(count):
         if lit:
-            lighting = HELDOUT_LIGHTINGS[i % len(HELDOUT_LIGHTINGS)]
+            lighting = lightings[i % len(lightings)]
             scene = held_out_scene(i, lighting)
             items.append(PromptItem(scene.caption, lighting, scene))
         else:

@@ -1,5 +1,6 @@
-"""report.html for `artaug eval` and for every `artaug run`: self-contained pages a person
-opens in a browser to see at a glance whether the run helped.
+"""report.html for `artaug eval`, and the generic pieces (page, SVG plot, metric table,
+verdict) that the run report of `artaug run` (recipe/report.py) is made of: self-contained
+pages a person opens in a browser to see at a glance whether the run helped.
 
 Images sit beside the page (relative paths inside the eval or run folder); plots are inline
 SVG drawn with matplotlib's Agg backend; there is no JavaScript at all, so the page works
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import os
 
 import numpy as np
@@ -32,13 +32,13 @@ th{background:#f3f3f3} td.l,th.l{text-align:left}
 """
 
 
-def _esc(x) -> str:
+def esc(x) -> str:
     return html.escape(str(x))
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{_esc(title)}</h1>\n{body}\n</body></html>\n")
+def page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
 
 
 def svg_plot(draw, width: float = 4.8, height: float = 3.0) -> str:
@@ -72,15 +72,15 @@ def metric_table(result: dict) -> str:
     rows = []
     base = result["arms"][0]["name"]
     for arm, metrics in result["comparisons"].items():
-        rows.append(f"<h3>{_esc(arm)} vs {_esc(base)}</h3><table><tr><th class=l>metric</th><th>{_esc(base)}</th>"
-                    f"<th>{_esc(arm)}</th><th>difference [95% CI]</th><th>win rate [95% CI]</th>"
+        rows.append(f"<h3>{esc(arm)} vs {esc(base)}</h3><table><tr><th class=l>metric</th><th>{esc(base)}</th>"
+                    f"<th>{esc(arm)}</th><th>difference [95% CI]</th><th>win rate [95% CI]</th>"
                     "<th>preference [95% CI]</th><th>pairs</th></tr>")
         for name, r in metrics.items():
             if "skipped" in r:
-                rows.append(f"<tr><td class=l>{_esc(name)}</td><td class='l muted' colspan=6>{_esc(r['skipped'])}</td></tr>")
+                rows.append(f"<tr><td class=l>{esc(name)}</td><td class='l muted' colspan=6>{esc(r['skipped'])}</td></tr>")
                 continue
             lo, hi = r["win_ci"]
-            verdict = "good" if lo > 0.5 else ("bad" if hi < 0.5 else "")
+            tone = "good" if lo > 0.5 else ("bad" if hi < 0.5 else "")
             pref = ""
             if r["kind"] == "preference":
                 plo, phi = r["preference_ci"]
@@ -89,26 +89,26 @@ def metric_table(result: dict) -> str:
             else:
                 mean_b, mean_a = _fmt(r["mean_b"]), _fmt(r["mean_a"])
             dlo, dhi = r["diff_ci"]
-            rows.append(f"<tr><td class=l>{_esc(name)}{' (alignment)' if r['kind'] == 'alignment' else ''}</td>"
+            rows.append(f"<tr><td class=l>{esc(name)}{' (alignment)' if r['kind'] == 'alignment' else ''}</td>"
                         f"<td>{mean_b}</td><td>{mean_a}</td><td>{r['mean_diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]</td>"
-                        f"<td class='{verdict}'>{r['win_rate']:.1%} [{lo:.1%}, {hi:.1%}]</td><td>{pref}</td>"
+                        f"<td class='{tone}'>{r['win_rate']:.1%} [{lo:.1%}, {hi:.1%}]</td><td>{pref}</td>"
                         f"<td>{r['n']}</td></tr>")
         rows.append("</table>")
         cats = sorted({c for r in metrics.values() for c in r.get("by_category", {})})
         if len(cats) > 1:
             names = [n for n, r in metrics.items() if r.get("by_category")]
-            rows.append("<table><tr><th class=l>category</th>" + "".join(f"<th>{_esc(n)} win rate</th>" for n in names)
+            rows.append("<table><tr><th class=l>category</th>" + "".join(f"<th>{esc(n)} win rate</th>" for n in names)
                         + "<th>pairs</th></tr>")
             for c in cats:
                 cells = "".join(f"<td>{metrics[n]['by_category'].get(c, {}).get('win_rate', float('nan')):.1%}</td>"
                                 for n in names)
                 n_pairs = metrics[names[0]]["by_category"].get(c, {}).get("n", 0)
-                rows.append(f"<tr><td class=l>{_esc(c or '-')}</td>{cells}<td>{n_pairs}</td></tr>")
+                rows.append(f"<tr><td class=l>{esc(c or '-')}</td>{cells}<td>{n_pairs}</td></tr>")
             rows.append("</table>")
     return "\n".join(rows)
 
 
-def _verdict(result: dict) -> str:
+def verdict(result: dict) -> str:
     """One sentence: did the candidate beat the baseline on the quality metrics?"""
     parts = []
     for arm, metrics in result["comparisons"].items():
@@ -127,12 +127,12 @@ def _verdict(result: dict) -> str:
 
 def write_eval_report(out_dir: str, cfg, result: dict, scores: dict, max_prompts: int = 24) -> str:
     """report.html of an eval folder; returns its path relative to the folder."""
-    from .run import image_path
+    from .layout import image_path
 
     base = cfg.arms[0].name
-    body = [f"<div class=verdict>{_esc(_verdict(result))}</div>",
-            f"<p>model <b>{_esc(cfg.model)}</b>; {len(cfg.prompts)} prompts x {cfg.seeds} seeds on the same seeds in "
-            f"every arm; scorer <code>{_esc(cfg.scorer)}</code>. Win rates count ties as half; intervals: 95% "
+    body = [f"<div class=verdict>{esc(verdict(result))}</div>",
+            f"<p>model <b>{esc(cfg.model)}</b>; {len(cfg.prompts)} prompts x {cfg.seeds} seeds on the same seeds in "
+            f"every arm; scorer <code>{esc(cfg.scorer)}</code>. Win rates count ties as half; intervals: 95% "
             "bootstrap over prompts, seeds nested.</p>",
             "<h2>Metrics</h2>", metric_table(result)]
     plots = []
@@ -160,108 +160,14 @@ def write_eval_report(out_dir: str, cfg, result: dict, scores: dict, max_prompts
             rel = os.path.relpath(image_path(out_dir, arm.name, p, 0), out_dir)
             value = scores[arm.name].get(main_metric)
             note = f" {main_metric} {value[p * cfg.seeds]:.3f}" if value is not None else ""
-            figs.append(f"<figure><img src=\"{_esc(rel)}\" alt=\"{_esc(arm.name)}\"><figcaption>{_esc(arm.name)}"
-                        f"{_esc(note)}</figcaption></figure>")
-        cells.append(f"<div class=cell><div class=pair>{''.join(figs)}</div><figcaption>{_esc(item.prompt)} "
-                     f"<span class=muted>[{_esc(item.category)}], seed {cfg.seed + p * cfg.seeds}</span></figcaption></div>")
+            figs.append(f"<figure><img src=\"{esc(rel)}\" alt=\"{esc(arm.name)}\"><figcaption>{esc(arm.name)}"
+                        f"{esc(note)}</figcaption></figure>")
+        cells.append(f"<div class=cell><div class=pair>{''.join(figs)}</div><figcaption>{esc(item.prompt)} "
+                     f"<span class=muted>[{esc(item.category)}], seed {cfg.seed + p * cfg.seeds}</span></figcaption></div>")
     body += [f"<h2>Images (first {min(max_prompts, len(cfg.prompts))} prompts, first seed)</h2>",
              "<div class=grid>" + "".join(cells) + "</div>",
              f"<h2>Numbers</h2><p class=muted>results.json; {result['timing']['scorer_forward_passes']} scorer forward "
              f"passes, {result['timing']['score_cache_hits']} from the cache.</p>"]
     path = os.path.join(out_dir, "report.html")
-    atomic_write_bytes(path, _page(f"artaug eval: {cfg.model}", "\n".join(body)).encode("utf-8"))
-    return "report.html"
-
-
-# ---------------------------------------------------------------------------- run reports
-
-def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
-    """Original vs enhanced of a round's items, the critic's boxes and local prompts drawn on
-    them (written once into the round's report/ folder), with each pair's verdict."""
-    from ..files import read_jsonl
-    from ..interact.dataset import load_image, png_bytes
-    from ..interact.parse import Suggestion
-    from ..interact.pictures import pair_picture
-
-    records = read_jsonl(os.path.join(folder, "interact", "manifest.jsonl"), what="manifest")
-    enhanced = [r for r in records if r.get("enhanced")]
-    shown = sorted(enhanced, key=lambda r: (not r.get("kept"), r["id"]))[:max_items]
-    cells = []
-    for r in shown:
-        rel = os.path.join(os.path.relpath(folder, out_dir), "report", f"{r['id']}.png")
-        path = os.path.join(out_dir, rel)
-        if not os.path.isfile(path):
-            suggestions = [Suggestion.from_dict(s) for s in r.get("suggestions", [])]
-            pic = pair_picture(load_image(os.path.join(folder, "interact", r["original"])),
-                               load_image(os.path.join(folder, "interact", r["enhanced"])), suggestions, r["prompt"])
-            atomic_write_bytes(path, png_bytes(pic))
-        prompts = "; ".join(f"[{s.get('category', '')}] {s.get('prompt', '')}" for s in r.get("suggestions", []))
-        kept = "kept" if r.get("kept") else "rejected"
-        cells.append(f"<div class='cell'><img src=\"{_esc(rel)}\" alt=\"{_esc(r['id'])}\">"
-                     f"<div class='verdict {kept}'>{kept}: {_esc(r.get('why', ''))}</div>"
-                     f"<figcaption>{_esc(r['prompt'])}<br><span class=muted>critic: {_esc(prompts)}</span></figcaption></div>")
-    without = len(records) - len(enhanced)
-    note = f"<p class=muted>{without} of {len(records)} items had no suggestion from the critic.</p>" if without else ""
-    return note + "<div class=grid>" + "".join(cells) + "</div>"
-
-
-def write_run_report(out_dir: str, summary: dict) -> str:
-    """report.html of a run folder: rounds, plots, every round's pairs, the final LoRA and its check."""
-    from ..recipe.runner import round_dir, stage_losses
-
-    rounds = summary["rounds"]
-    final = summary.get("final")
-    check = summary.get("eval")
-    verdict = _verdict(check["result"]) if check else ("no held-out check in this recipe" if final else
-                                                       "no LoRA was trained")
-    body = [f"<div class=verdict>{_esc(verdict)}</div>",
-            "<h2>Rounds</h2><table><tr><th>round</th><th>items</th><th>enhanced</th><th>kept</th><th>kept share</th>"
-            "<th>mean gain of kept</th><th>trained pairs</th><th>stage-1 loss</th><th>stage-2 loss</th><th>seconds</th></tr>"]
-    for r in rounds:
-        tr = r.get("train") or {}
-
-        def loss(stage, tr=tr):
-            s = tr.get(stage)
-            return f"{s['first']:.4f} &rarr; {s['last']:.4f}" if s else ""
-
-        body.append(f"<tr><td>{r['round']}</td><td>{r['items']}</td><td>{r['enhanced']}</td><td>{r['kept']}</td>"
-                    f"<td>{r['kept_fraction']:.1%}</td><td>{r['mean_gain']:.4f}</td><td>{r['trained_pairs']}</td>"
-                    f"<td>{loss('stage1')}</td><td>{loss('stage2')}</td><td>{r.get('seconds', '')}</td></tr>")
-    body.append("</table>")
-    if summary.get("stopped"):
-        body.append(f"<p><b>Stopped:</b> {_esc(summary['stopped'])}</p>")
-    xs = [r["round"] for r in rounds]
-    plots = [svg_plot(lambda ax: (ax.bar(xs, [r["kept_fraction"] for r in rounds], color="#4a78b5"),
-                                  ax.set_title("kept share of items per round", fontsize=9), ax.set_xticks(xs))),
-             svg_plot(lambda ax: (ax.bar(xs, [r["mean_gain"] for r in rounds], color="#5a9a5a"),
-                                  ax.set_title("mean score gain of kept pairs", fontsize=9), ax.set_xticks(xs)))]
-    for r in rounds:
-        losses = stage_losses(out_dir, r["round"])
-        if losses:
-            def draw(ax, losses=losses, n=r["round"]):
-                for name, values in sorted(losses.items())[:8]:
-                    ax.plot(range(1, len(values) + 1), values, label=name, lw=1)
-                ax.set_title(f"round {n}: training loss per step", fontsize=9)
-                ax.set_xlabel("step", fontsize=8)
-                ax.legend(fontsize=7)
-
-            plots.append(svg_plot(draw))
-    body += ["<h2>Plots</h2>", "<div class=plots>" + "".join(plots) + "</div>"]
-    if final:
-        energy = f", retained energy &ge; {final['energy_min']:.4f}" if final.get("rank") else " (the exact sum)"
-        body.append(f"<h2>Final LoRA</h2><p><a href=\"{_esc(final['lora'])}\">{_esc(final['lora'])}</a> (kohya format: "
-                    f"DiffSynth, ComfyUI, diffusers) and <a href=\"{_esc(final['lora_diffsynth'])}\">"
-                    f"{_esc(final['lora_diffsynth'])}</a>; {final['rounds']} round(s), rank "
-                    f"{final['rank'] or final['ranks_before']}{energy}; card: final/model_card.json</p>")
-    if check:
-        body += ["<h2>Held-out check</h2>",
-                 f"<p>{_esc(check['what'])} <a href=\"{_esc(check['report'])}\">Full eval report</a>.</p>",
-                 metric_table(check["result"])]
-    for r in rounds:
-        folder = round_dir(out_dir, r["round"])
-        if os.path.isfile(os.path.join(folder, "interact", "manifest.jsonl")):
-            body += [f"<h2>Round {r['round']}: original vs enhanced</h2>", _round_pictures(out_dir, folder)]
-    body.append(f"<h2>Numbers</h2><pre>{_esc(json.dumps(rounds, indent=1)[:20000])}</pre>")
-    path = os.path.join(out_dir, "report.html")
-    atomic_write_bytes(path, _page(f"artaug run: {os.path.basename(out_dir)}", "\n".join(body)).encode("utf-8"))
+    atomic_write_bytes(path, page(f"artaug eval: {cfg.model}", "\n".join(body)).encode("utf-8"))
     return "report.html"

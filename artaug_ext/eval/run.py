@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..dist import process_info
 from ..errors import ArtaugError, UsageError
-from ..files import atomic_write_bytes, atomic_write_json, recorded_difference
+from ..files import atomic_write_bytes, atomic_write_json, record_settings
+from .layout import image_path
 from .prompts import PromptItem
 from .scoring import ScoreCache, image_sha256, metric_kinds
 from .stats import summarize_metric
@@ -87,42 +89,26 @@ class EvalConfig:
             a.validate()
 
 
-def image_path(out_dir: str, arm: str, p: int, k: int) -> str:
-    return os.path.join(out_dir, "images", arm, f"{p:05d}-s{k:02d}.png")
-
-
 def item_seed(cfg: EvalConfig, p: int, k: int) -> int:
     """The same seed for prompt p, seed k in every arm: the comparison is paired."""
     return cfg.seed + p * cfg.seeds + k
 
 
 def _check_folder(out_dir: str, cfg: EvalConfig) -> None:
-    path = os.path.join(out_dir, "eval.json")
-    ident = {"format": EVAL_FORMAT, **cfg.identity()}
-    diff = recorded_difference(path, ident)
-    if diff:
-        raise UsageError(f"--out {out_dir} belongs to another eval ({diff}); use a new --out "
-                         "(nothing in it was changed)")
-    if not os.path.exists(path):
-        atomic_write_json(path, ident, shared=True)
-
-
-def _dist() -> tuple[int, int]:
-    from ..interact.dataset import dist_info
-
-    rank, world, _ = dist_info()
-    return rank, world
+    record_settings(os.path.join(out_dir, "eval.json"), {"format": EVAL_FORMAT, **cfg.identity()},
+                    f"--out {out_dir} belongs to another eval ({{diff}}); use a new --out (nothing in it was changed)")
 
 
 def generate_arm(pipe, cfg: EvalConfig, arm: Arm, out_dir: str, progress: bool = True) -> int:
     """This rank's missing images of one arm, in batches; returns how many were generated."""
     from tqdm import tqdm
 
-    from ..interact.dataset import png_bytes
+    from ..interact.images import png_bytes
     from ..lora import load_lora, unload_lora
     from ..pipeline import generate_batch
 
-    rank, world = _dist()
+    info = process_info()
+    rank, world = info.rank, info.world
     todo = [(p, k) for p in range(len(cfg.prompts)) if p % world == rank for k in range(cfg.seeds)
             if not os.path.isfile(image_path(out_dir, arm.name, p, k))]
     if not todo:
@@ -163,7 +149,7 @@ def score_all(cfg: EvalConfig, out_dir: str, scorer, progress: bool = True) -> t
     """{arm: {metric: array [prompts * seeds]}} from the cache, scoring only what is new."""
     from tqdm import tqdm
 
-    from ..interact.dataset import load_image
+    from ..interact.images import load_image
 
     cache = ScoreCache(os.path.join(out_dir, "scores.jsonl"))
     scores: dict[str, dict[str, list[float]]] = {a.name: {} for a in cfg.arms}
@@ -235,7 +221,8 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
 
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
-    rank, world = _dist()
+    info = process_info()
+    rank, world = info.rank, info.world
     os.makedirs(out_dir, exist_ok=True)
     with FolderLock(out_dir, f".artaug-eval-lock-rank{rank:05d}-of-{world:05d}", what="eval folder"):
         _check_folder(out_dir, cfg)

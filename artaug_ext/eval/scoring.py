@@ -14,7 +14,7 @@ import io
 import json
 import logging
 
-from ..files import append_line, read_jsonl
+from ..files import append_line, read_jsonl, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def identity_key(identity: dict) -> str:
 def image_sha256(image) -> str:
     """sha256 of a PIL image's PNG bytes (what the eval writes), or of a file's bytes."""
     if isinstance(image, str):
-        with open(image, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return sha256_file(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return hashlib.sha256(buf.getvalue()).hexdigest()

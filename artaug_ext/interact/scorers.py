@@ -1,4 +1,4 @@
-"""Scoring original and enhanced images, and the rule that keeps a pair.
+"""Scoring images: original and enhanced ones in the loop, every arm's in an eval.
 
 A scorer maps (images, prompt) to one dict of named scores per image. Each scorer says which
 of its scores measure quality (higher is better; the pair must win on them by a margin) and
@@ -14,9 +14,7 @@ which measure text alignment (must not drop). Backends:
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -159,9 +157,10 @@ class DiffSynthMetricScorer(Scorer):
         self.metric = getattr(metrics, cls_name).from_pretrained(
             model_config=ModelConfig(path=weights),
             **{processor_arg: ModelConfig(path=folder)}, device=device, torch_dtype=torch_dtype or torch.float32)
-        from .dataset import cached_sha256_file
+        from ..files import cached_sha256_file
+        from ..hub import hash_cache_file
 
-        self.weights_sha256 = cached_sha256_file(weights)
+        self.weights_sha256 = cached_sha256_file(weights, hash_cache_file())
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "weights": self.weights_sha256}
@@ -252,37 +251,3 @@ def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None =
         else:
             raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
     return scorers[0] if len(scorers) == 1 else CombinedScorer(scorers)
-
-
-@dataclass
-class FilterConfig:
-    """When a pair is kept: enhanced beats original by `margin` on every quality score (absolute,
-    or relative to |original| when `relative`), and no alignment score drops by more than
-    `alignment_tolerance`."""
-
-    margin: float = 0.0
-    relative: bool = False
-    alignment_tolerance: float = 0.0
-    quality_keys: list[str] | None = field(default=None)
-
-    def to_dict(self) -> dict:
-        return {"margin": self.margin, "relative": self.relative, "alignment_tolerance": self.alignment_tolerance,
-                "quality_keys": self.quality_keys}
-
-
-def keep_pair(original: dict, enhanced: dict, scorer: Scorer, cfg: FilterConfig) -> tuple[bool, str, float]:
-    """(keep, why, gain): gain is the smallest quality improvement (relative if configured)."""
-    keys = cfg.quality_keys or list(scorer.quality_keys)
-    if not keys:
-        return False, "the scorer has no quality score", 0.0
-    gains = []
-    for k in keys:
-        a, b = float(original[k]), float(enhanced[k])
-        gains.append((b - a) / max(abs(a), 1e-8) if cfg.relative else b - a)
-    gain = min(gains)
-    if not math.isfinite(gain) or gain <= cfg.margin:
-        return False, f"quality gain {gain:.4g} <= margin {cfg.margin:g}", gain
-    for k in scorer.alignment_keys:
-        if float(enhanced[k]) < float(original[k]) - cfg.alignment_tolerance:
-            return False, f"text alignment {k} dropped {float(original[k]):.4g} -> {float(enhanced[k]):.4g}", gain
-    return True, f"quality gain {gain:.4g} > margin {cfg.margin:g}", gain

@@ -155,21 +155,9 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
-def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAReport:
-    """Merge a LoRA into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
-
-    `lora`: a path (.safetensors, .pt, PEFT folder), a state dict, or a hub id. Keys that map
-    to no module raise (strict=False: a warning with the count); a LoRA that maps to nothing
-    always raises. Returns a report whose handle `unload_lora` uses to undo the merge.
-    """
-    t0 = time.perf_counter()
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise UsageError(f"LoRA strength alpha={alpha!r} must be a finite number")
-    state_dict, meta, name = _resolve_source(lora)
-    parsed = parse_lora(state_dict, meta)
-    comps = _components(target)
-    named = {c: dict(m.named_modules()) for c, m in comps.items()}
-
+def _map_pieces(parsed, comps: dict, named: dict) -> tuple[dict, dict, list[str], list[str]]:
+    """Each parsed LoRA piece onto its module: (merge groups by (component, module) with their
+    row ranges, hot-load groups, skipped and unmapped keys); a shape that cannot fit raises."""
     skipped, unmapped = [], list(parsed.unmapped)
     merge_groups: dict[tuple, list] = {}
     hot_groups: dict[tuple, list[LoRAPiece]] = {}
@@ -200,7 +188,25 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
             hot_groups.setdefault(key, []).append(p)
         else:
             merge_groups.setdefault(key, []).append((lo, hi, p))
+    return merge_groups, hot_groups, skipped, unmapped
 
+
+def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAReport:
+    """Merge a LoRA into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
+
+    `lora`: a path (.safetensors, .pt, PEFT folder), a state dict, or a hub id. Keys that map
+    to no module raise (strict=False: a warning with the count); a LoRA that maps to nothing
+    always raises. Returns a report whose handle `unload_lora` uses to undo the merge.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise UsageError(f"LoRA strength alpha={alpha!r} must be a finite number")
+    state_dict, meta, name = _resolve_source(lora)
+    parsed = parse_lora(state_dict, meta)
+    comps = _components(target)
+    named = {c: dict(m.named_modules()) for c, m in comps.items()}
+
+    merge_groups, hot_groups, skipped, unmapped = _map_pieces(parsed, comps, named)
     if unmapped:
         msg = f"{len(unmapped)} LoRA keys map to no module of the target: {_summarise(unmapped)}"
         if strict:

@@ -146,6 +146,14 @@ _SECTIONS = {"run": RunSection, "data": DataSection, "critic": CriticSection, "f
 _REQUIRED_SECTIONS = ("run", "data")
 
 
+def _fields_most_specific_first(cls) -> list[dataclasses.Field]:
+    """A table's keys in the order a reader looks for them: the class's own before inherited ones
+    ([train]: how the LoRA is made, then how it is optimised)."""
+    fields = dataclasses.fields(cls)
+    own = [f for f in fields if f.name in vars(cls).get("__annotations__", {})]
+    return own + [f for f in fields if f not in own]
+
+
 def _line_of(text: str, section: str, key: str | None) -> int | None:
     """The line of `[section]` (or of `key =` inside it), for messages."""
     lines = text.splitlines()
@@ -219,7 +227,7 @@ def recipe_from_dict(data: dict, path: str = "<recipe>", text: str = "") -> Reci
         if not isinstance(table, dict):
             raise UsageError(f"{where(name)}: [{name}] must be a table")
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in _fields_most_specific_first(cls)}
         for key, value in table.items():
             if key not in fields:
                 raise UsageError(f"{where(name, key)}: [{name}] has no key {key!r}; known keys: {', '.join(fields)}")

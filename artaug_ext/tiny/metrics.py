@@ -133,33 +133,16 @@ TINY_METRICS: dict[str, TinyMetricSpec] = {
 
 
 # ---------------------------------------------------------------------------- registry
-# `artaug_ext.registry.register()` appends these entries (with the tiny FLUX models'); it runs from
-# the hook on DiffSynth's registry import, so `..registry` is imported inside the function.
+# `artaug_ext.registry` builds DiffSynth registry entries from these (it computes the hashes);
+# this module hands it shapes and class paths only.
 
-def _shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in state.items()}
-
-
-def metric_model_entries() -> list[dict]:
-    """MODEL_CONFIGS entries for the tiny checkpoints (hashes from shapes on `meta`), one per (hash, model name)."""
-    from ..registry import keys_hash
-
-    entries: dict[tuple[str, str], dict] = {}
-    for spec in TINY_METRICS.values():
-        entry = dict(
-            model_hash=keys_hash(_shapes(spec.file_state_dict(spec.build("meta")))),
-            model_name=spec.model_name,
-            model_class=spec.model_class_path,
-            state_dict_converter=_CONVERTERS + spec.converter,
-            extra_kwargs=json.loads(json.dumps(spec.kwargs)),
-            _artaug_ext=MARK,
-        )
-        key = (entry["model_hash"], entry["model_name"])
-        if key in entries and entries[key] != entry:
-            raise ValueError(f"tiny metric {spec.name!r}: same file hash as another spec but a different entry; "
-                             "give it its own sizes in TINY_METRICS")
-        entries[key] = entry
-    return list(entries.values())
+def metric_model_specs() -> list[dict]:
+    """Per tiny checkpoint: the tensor shapes of its file (built on `meta`), DiffSynth's model
+    name, our model class and converter, and the constructor keyword arguments."""
+    return [{"name": spec.name, "shapes": {k: list(v.shape) for k, v in spec.file_state_dict(spec.build("meta")).items()},
+             "model_name": spec.model_name, "model_class": spec.model_class_path,
+             "state_dict_converter": _CONVERTERS + spec.converter, "extra_kwargs": json.loads(json.dumps(spec.kwargs))}
+            for spec in TINY_METRICS.values()]
 
 
 # ---------------------------------------------------------------------------- tokenizers and processors

@@ -9,27 +9,15 @@ The names below load their module on first use, so `artaug_ext.train.settings` (
 recipe is checked against) imports without torch or DiffSynth.
 """
 
-import importlib
+from ..lazy import lazy_names
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "FlowMatchObjective": "flow", "FluxDenoiser": "flow",
     "SampleRandom": "loop", "TrainConfig": "loop", "TrainResult": "loop", "latest_checkpoint": "loop",
-    "read_loss_log": "loop", "train": "loop",
+    "read_loss_log": "loss_log", "train": "loop",
     "inject_lora": "lora", "lora_state_dict": "lora", "remove_lora": "lora", "save_lora": "lora",
-    "FLUX_LORA_TARGETS": "settings", "LoRATrainSettings": "settings",
+    "FLUX_LORA_TARGETS": "settings", "LoRATrainSettings": "settings", "TrainSettings": "settings",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(__name__, _LAZY)

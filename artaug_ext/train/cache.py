@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FileFormatError, UsageError
-from ..files import atomic_write_json, check_safetensors, recorded_difference, save_safetensors
+from ..files import check_safetensors, record_settings, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ class LatentCache:
         return LatentCache([self.ids[i] for i in indices], self.original[ix], self.enhanced[ix], self.prompt_emb[ix],
                            self.pooled_prompt_emb[ix])
 
-    def batch(self, which: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A training batch of the `which` images ("original" or "enhanced") with their prompts."""
+    def batch(self, image_side: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A training batch of the `image_side` images ("original" or "enhanced") with their prompts."""
         ix = torch.tensor(indices, dtype=torch.long)
-        return {"latents": getattr(self, which)[ix], "prompt_emb": self.prompt_emb[ix],
+        return {"latents": getattr(self, image_side)[ix], "prompt_emb": self.prompt_emb[ix],
                 "pooled_prompt_emb": self.pooled_prompt_emb[ix]}
 
 
@@ -64,24 +64,19 @@ def _item_path(cache_dir: str, pair_id: str) -> str:
 
 
 def _check_info(cache_dir: str, info: dict) -> None:
-    path = os.path.join(cache_dir, INFO_FILE)
-    diff = recorded_difference(path, info)
-    if diff:
-        raise UsageError(f"{cache_dir} caches latents made with other settings ({diff}); delete the folder to "
-                         "build it again")
-    if not os.path.exists(path):
-        atomic_write_json(path, info, shared=True)
+    record_settings(os.path.join(cache_dir, INFO_FILE), info,
+                    f"{cache_dir} caches latents made with other settings ({{diff}}); delete the folder to build it again")
 
 
 def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolution: int | None = None,
                 rank: int = 0, world: int = 1, progress: bool = True) -> int:
-    """Encode this rank's share of `pairs` (interact.dataset.Pair) into `cache_dir`; pairs
+    """Encode this rank's share of `pairs` (interact.pairs.Pair) into `cache_dir`; pairs
     already cached are skipped. Returns how many were encoded now."""
     from PIL import Image
     from tqdm import tqdm
 
-    from ..interact.dataset import load_image
     from ..interact.enhance import encode_prompts
+    from ..interact.images import load_image
 
     if not pairs:
         raise UsageError("the latent cache needs at least one kept pair")
@@ -97,10 +92,10 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
     with torch.no_grad():
         for p in tqdm(todo, desc=f"latent cache rank {rank}", unit="pair", disable=not progress):
             tensors = {}
-            for which in ("original", "enhanced"):
-                image = load_image(getattr(p, which))
+            for image_side in ("original", "enhanced"):
+                image = load_image(getattr(p, image_side))
                 if image.size != (first.width, first.height):
-                    raise FileFormatError(getattr(p, which), f"size {image.width}x{image.height}, but the round's "
+                    raise FileFormatError(getattr(p, image_side), f"size {image.width}x{image.height}, but the round's "
                                           f"images are {first.width}x{first.height}", "regenerate the pair")
                 if image.size != (width, height):
                     image = image.resize((width, height), Image.Resampling.LANCZOS)
@@ -109,8 +104,8 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
                 if not torch.isfinite(latents).all():
                     from ..errors import NonFiniteError
 
-                    raise NonFiniteError(f"the VAE encoder gave NaN or Inf for {getattr(p, which)}")
-                tensors[which] = latents[0].cpu()
+                    raise NonFiniteError(f"the VAE encoder gave NaN or Inf for {getattr(p, image_side)}")
+                tensors[image_side] = latents[0].cpu()
             enc = encode_prompts(pipe, [p.prompt], t5_sequence_length)
             tensors["prompt_emb"] = enc["prompt_emb"][0].cpu()
             tensors["pooled_prompt_emb"] = enc["pooled_prompt_emb"][0].cpu()

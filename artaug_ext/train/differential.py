@@ -18,6 +18,7 @@ so a run killed anywhere resumes at the stage and step where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -28,8 +29,9 @@ from ..errors import UsageError
 from ..files import atomic_write_json, check_safetensors
 from .cache import LatentCache
 from .flow import FlowMatchObjective, FluxDenoiser
-from .loop import TrainConfig, read_loss_log, train
+from .loop import TrainConfig, train
 from .lora import inject_lora, lora_state_dict, remove_lora, save_lora
+from .loss_log import read_loss_log
 from .settings import MODES, LoRATrainSettings  # noqa: F401  (MODES: part of this module's API)
 
 logger = logging.getLogger(__name__)
@@ -59,9 +61,9 @@ def _stage_done(folder: str) -> bool:
     return True
 
 
-def train_stage(dit: torch.nn.Module, cache: LatentCache, which: str, settings: LoRATrainSettings, folder: str,
+def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str,
                 seed: int, steps: int, accelerator=None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Train one LoRA on the `which` images of `cache` on top of the DiT as it is; returns it
+    """Train one LoRA on the `image_side` images of `cache` on top of the DiT as it is; returns it
     (training format). A stage whose lora.safetensors exists is not trained again. The
     adapters are removed again before returning, so the DiT's module tree is unchanged."""
     from safetensors.torch import load_file
@@ -79,19 +81,16 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, which: str, settings: 
             return objective(model, batch["latents"], batch["prompt_emb"], batch["pooled_prompt_emb"], rng)
 
         def get_batch(indices):
-            return {k: v.to(dtype) for k, v in cache.batch(which, indices).items()}
+            return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
 
-        cfg = TrainConfig(output_dir=folder, steps=steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-                          lr=settings.lr, warmup_steps=settings.warmup_steps, schedule=settings.schedule,
-                          max_grad_norm=settings.max_grad_norm, mixed_precision=settings.mixed_precision, seed=seed,
-                          checkpoint_every=settings.checkpoint_every, log_every=0, log_with=settings.log_with,
+        cfg = TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
                           progress=progress)
         result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator)
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
         state = lora_state_dict(dit)
         if accelerator is None or accelerator.is_main_process:
-            save_lora(state, os.path.join(folder, LORA_FILE), {"stage": os.path.basename(folder), "which": which,
+            save_lora(state, os.path.join(folder, LORA_FILE), {"stage": os.path.basename(folder), "image_side": image_side,
                                                                  "steps": steps, "rank": settings.rank})
         if accelerator is not None:
             accelerator.wait_for_everyone()

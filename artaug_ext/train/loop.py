@@ -19,51 +19,44 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
+from ..dist import process_info
 from ..errors import UsageError
 from ..files import append_line, atomic_write_json, first_difference, read_jsonl
+from .loss_log import LOSS_LOG
+from .settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "checkpoint-"
 DONE_FILE = "artaug_step.json"  # written last into a checkpoint: marks it complete
-LOSS_LOG = "loss.jsonl"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: the identity holds every training setting
 
 
 @dataclass
 class TrainConfig:
+    """The loop's view of a training: its folder and step count, the settings it is optimised
+    with (one `TrainSettings`, the recipe's defaults), and what only the loop knows."""
+
     output_dir: str
     steps: int
-    batch_size: int = 8  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-4
+    settings: TrainSettings = field(default_factory=TrainSettings)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # constant | cosine | linear (after warmup)
-    min_lr_ratio: float = 0.05
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or no | bf16 | fp16
-    checkpoint_every: int = 500
+    min_lr_ratio: float = 0.05  # the floor of the cosine and linear schedules
     keep_checkpoints: int = 2
-    seed: int = 0
     log_every: int = 50
-    log_with: str | None = None  # "tensorboard" or "wandb", through accelerate's trackers
     time_budget_s: float | None = None  # stop (with a checkpoint) after this long
     progress: bool = True
     resume: bool = True
 
-    # Fields that do not change what is trained: a resume may change them.
-    _RUNTIME = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "log_with", "time_budget_s",
-                "progress", "resume")
-
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed (the step count included: it shapes the LR schedule)."""
-        return {k: v for k, v in asdict(self).items() if k not in self._RUNTIME}
+        return {"steps": self.steps, "weight_decay": self.weight_decay, "betas": list(self.betas),
+                "min_lr_ratio": self.min_lr_ratio, **self.settings.identity()}
 
 
 @dataclass
@@ -74,7 +67,7 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _mix(seed: int, key: int) -> int:
+def sample_seed(seed: int, key: int) -> int:
     """A 63-bit generator seed from (seed, key) (splitmix64's finaliser)."""
     z = (seed * 0x9E3779B97F4A7C15 + key * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -90,7 +83,7 @@ class SampleRandom:
 
     def __init__(self, seed: int, keys: list[int]):
         self.keys = list(keys)
-        self.generators = [torch.Generator().manual_seed(_mix(seed, k)) for k in self.keys]
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, k)) for k in self.keys]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -109,16 +102,17 @@ class SampleRandom:
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    if cfg.schedule not in ("constant", "cosine", "linear"):
-        raise UsageError(f"unknown LR schedule {cfg.schedule!r}; use constant, cosine or linear")
+    schedule, warmup = cfg.settings.schedule, cfg.settings.warmup_steps
+    if schedule not in ("constant", "cosine", "linear"):
+        raise UsageError(f"unknown LR schedule {schedule!r}; use constant, cosine or linear")
 
     def fn(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
             return 1.0
-        progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
-        decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min((step - warmup) / max(cfg.steps - warmup, 1), 1.0)
+        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
     return fn
@@ -139,8 +133,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-class _Order:
-    """Deterministic sample order: epoch e is a permutation seeded by (seed, e)."""
+class EpochPermutation:
+    """Deterministic sample order: epoch e is a permutation of the dataset seeded by (seed, e)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
@@ -158,8 +152,8 @@ class _Order:
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
+    if cfg.settings.mixed_precision != "auto":
+        return cfg.settings.mixed_precision
     return "bf16" if torch.cuda.is_available() else "no"
 
 
@@ -168,7 +162,7 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False):
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision="no" if cpu else _mixed_precision(cfg), cpu=cpu, log_with=cfg.log_with,
+        mixed_precision="no" if cpu else _mixed_precision(cfg), cpu=cpu, log_with=cfg.settings.log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, automatic_checkpoint_naming=False),
     )
 
@@ -255,11 +249,6 @@ def _agree_with_main_process(accelerator, cfg: TrainConfig, out_of_time: bool) -
     return bool(decision[1])
 
 
-def read_loss_log(output_dir: str) -> list[dict]:
-    """The per-step records of a training's loss log (step, loss, lr, seconds)."""
-    return read_jsonl(os.path.join(output_dir, LOSS_LOG), what="loss log")
-
-
 def _trim_loss_log(path: str, step: int) -> None:
     """On resume: drop lines written after the checkpoint (those steps run again)."""
     if os.path.exists(path):
@@ -276,9 +265,56 @@ def _adamw(params, cfg: TrainConfig):
     LoRA's many small tensors the per-tensor loop costs more than the update itself: measured
     4.6x on the tiny DiT's adapters on 2 CPU cores)."""
     try:
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=cfg.settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
+    """Optimizer and schedule over the trainable parameters, prepared by accelerate, and the
+    step to start from (the newest checkpoint's, when its settings match)."""
+    params = list(trainable_parameters(model).values())
+    if not params:
+        raise UsageError("train: the model has no trainable parameters")
+    optimizer = _adamw(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = 0
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt:
+        step = _load_checkpoint(ckpt, cfg, model, optimizer, scheduler, accelerator, extra_state)
+        logger.info("resumed from %s at step %d", ckpt, step)
+    return model, params, optimizer, scheduler, step
+
+
+def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermutation, cfg: TrainConfig, accelerator,
+               step: int) -> float:
+    """Forward and backward over the step's micro-batches (gradients accumulated, synchronised
+    on the last); returns the step's loss over every rank's samples."""
+    hp = cfg.settings
+    info = process_info(accelerator)
+    world, rank = info.world, info.rank
+    per_step = hp.batch_size * hp.grad_accum * world
+    total = 0.0
+    for micro in range(hp.grad_accum):
+        start = step * per_step + (micro * world + rank) * hp.batch_size
+        keys = list(range(start, start + hp.batch_size))
+        batch = get_batch(order.indices(start, hp.batch_size))
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        sync = micro == hp.grad_accum - 1
+        with accelerator.no_sync(model) if not sync and world > 1 else _null():
+            with accelerator.autocast():
+                loss = loss_fn(model, batch, SampleRandom(hp.seed, keys))
+            if not torch.isfinite(loss):
+                from ..errors import NonFiniteError
+
+                raise NonFiniteError(f"training {cfg.output_dir}: the loss is {float(loss)} at step {step + 1}; "
+                                     f"lower the learning rate ({hp.lr:g}) or use bf16/fp32 instead of fp16")
+            accelerator.backward(loss / hp.grad_accum)
+        total += float(loss.detach()) / hp.grad_accum
+    if world > 1:  # the step's loss over every rank's samples (what one process would log)
+        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean"))
+    return total
 
 
 def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[int]], dict], dataset_size: int,
@@ -298,61 +334,32 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
 
     if dataset_size <= 0:
         raise UsageError("train: the dataset is empty")
+    hp = cfg.settings
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
     accelerator.free_memory()  # a previous stage's model and optimizer must not be unscaled or saved again
     extra_state = extra_state or {}
-    params = list(trainable_parameters(model).values())
-    if not params:
-        raise UsageError("train: the model has no trainable parameters")
-    optimizer = _adamw(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = 0
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt:
-        step = _load_checkpoint(ckpt, cfg, model, optimizer, scheduler, accelerator, extra_state)
-        logger.info("resumed from %s at step %d", ckpt, step)
+    model, params, optimizer, scheduler, step = _prepare(model, cfg, accelerator, extra_state)
+    main = accelerator.is_main_process
     log_path = os.path.join(cfg.output_dir, LOSS_LOG)
-    if accelerator.is_main_process:
+    if main:
         _trim_loss_log(log_path, step)
-    if cfg.log_with and accelerator.is_main_process:
+    if hp.log_with and main:
         accelerator.init_trackers(os.path.basename(os.path.normpath(cfg.output_dir)) or "train",
                                   config={k: v for k, v in cfg.identity().items() if isinstance(v, (int, float, str))})
-
-    order = _Order(dataset_size, cfg.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = cfg.batch_size * cfg.grad_accum * world
+    order = EpochPermutation(dataset_size, hp.seed)
     result = TrainResult(step=step)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(cfg.output_dir)}", dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))
+               disable=not (cfg.progress and main))
     model.train()
     running = None
     last_saved = step
     try:
         while step < cfg.steps:
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                start = step * per_step + (micro * world + rank) * cfg.batch_size
-                keys = list(range(start, start + cfg.batch_size))
-                batch = get_batch(order.indices(start, cfg.batch_size))
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                sync = micro == cfg.grad_accum - 1
-                with accelerator.no_sync(model) if not sync and world > 1 else _null():
-                    with accelerator.autocast():
-                        loss = loss_fn(model, batch, SampleRandom(cfg.seed, keys))
-                    if not torch.isfinite(loss):
-                        from ..errors import NonFiniteError
-
-                        raise NonFiniteError(f"training {cfg.output_dir}: the loss is {float(loss)} at step {step + 1}; "
-                                             f"lower the learning rate ({cfg.lr:g}) or use bf16/fp32 instead of fp16")
-                    accelerator.backward(loss / cfg.grad_accum)
-                total += float(loss.detach()) / cfg.grad_accum
-            if world > 1:  # the step's loss over every rank's samples (what one process would log)
-                total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean"))
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            total = _step_loss(model, loss_fn, get_batch, order, cfg, accelerator, step)
+            if hp.max_grad_norm:
+                accelerator.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -362,33 +369,33 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
             running = total if running is None else 0.98 * running + 0.02 * total
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
-            if accelerator.is_main_process:
+            if main:
                 append_line(log_path, {"step": step, "loss": total, "lr": lr,
                                        "seconds": round(time.perf_counter() - t0, 3)})
-                if cfg.log_with:
+                if hp.log_with:
                     accelerator.log({"loss": total, "lr": lr}, step=step)
                 if cfg.log_every and step % cfg.log_every == 0:
                     logger.info("step %d loss %.5f (avg %.5f) lr %.3e", step, total, running, lr)
                 if on_step is not None:
                     on_step(step, total)
             out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
-            if world > 1:
+            if accelerator.num_processes > 1:
                 out_of_time = _agree_with_main_process(accelerator, cfg, out_of_time)
             if bar.total != cfg.steps:  # an on_step hook refitted the step count (time budget)
                 bar.total = cfg.steps
                 bar.refresh()
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or out_of_time:
+            if (hp.checkpoint_every and step % hp.checkpoint_every == 0) or out_of_time:
                 _save_checkpoint(accelerator, cfg, step, model, optimizer, scheduler, extra_state)
                 last_saved = step
             if out_of_time:
                 logger.info("time budget of %.0fs spent at step %d", cfg.time_budget_s, step)
                 break
         result.seconds = time.perf_counter() - t0  # the steps (checkpoints included), not the clean-up below
-        if step >= cfg.steps and last_saved != step and cfg.checkpoint_every:
+        if step >= cfg.steps and last_saved != step and hp.checkpoint_every:
             _save_checkpoint(accelerator, cfg, step, model, optimizer, scheduler, extra_state)
     finally:
         bar.close()
-        if cfg.log_with and accelerator.is_main_process:
+        if hp.log_with and main:
             for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
                 tracker.finish()
         accelerator.free_memory()

@@ -13,7 +13,7 @@ ADAPTER = "default"  # PEFT's adapter name: DiffSynth's training output keys car
 TRAINING_FORMAT = "artaug-diffsynth-lora-v1"
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_denoiser(model: torch.nn.Module) -> torch.nn.Module:
     """The DiT inside the wrappers training puts around it (DDP's `.module`, FluxDenoiser's `.dit`)."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -30,7 +30,7 @@ def _targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Linea
             if isinstance(m, torch.nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)}
 
 
-def check_rank(model: torch.nn.Module, rank: int, target_modules=FLUX_LORA_TARGETS) -> dict[str, torch.nn.Linear]:
+def lora_target_layers(model: torch.nn.Module, rank: int, target_modules=FLUX_LORA_TARGETS) -> dict[str, torch.nn.Linear]:
     """The layers a LoRA of `rank` would adapt; an error naming the layer and the fix if the rank
     is not positive, larger than a layer, or no layer matches the targets."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
@@ -53,7 +53,7 @@ def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
     the random init of lora_A the same on every process and run. Returns the adapted layers."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = check_rank(model, rank, target_modules)
+    targets = lora_target_layers(model, rank, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules))
     with torch.random.fork_rng(devices=[]):
         if init_seed is not None:
@@ -71,13 +71,13 @@ def lora_layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """PEFT LoRA layers of a model, by name relative to the DiT."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in base_model(model).named_modules() if isinstance(m, LoraLayer)}
+    return {n: m for n, m in unwrap_denoiser(model).named_modules() if isinstance(m, LoraLayer)}
 
 
 def remove_lora(model: torch.nn.Module) -> int:
     """Take the adapters out again: every PEFT LoRA layer is replaced by the linear it wraps,
     so the module tree (and its state dict) is the base's again. Returns how many."""
-    dit = base_model(model)
+    dit = unwrap_denoiser(model)
     layers = lora_layers_of(dit)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")

@@ -1,9 +1,11 @@
-"""How a LoRA is trained: the settings a recipe's [train] table holds, with no torch import,
-so reading and checking a recipe (and `artaug run --dry-run`) costs no model code."""
+"""How a model is trained: the one settings type (`TrainSettings`, what every training here is
+optimised with, and `LoRATrainSettings`, the recipe's [train] table, which adds how the LoRA is
+made), with no torch import, so reading and checking a recipe (and `artaug run --dry-run`) costs
+no model code. The training loop's own view (`loop.TrainConfig`) holds one of these."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..errors import UsageError
 
@@ -15,31 +17,47 @@ MODES = ("batched", "per-pair", "sft")
 
 
 @dataclass
-class LoRATrainSettings:
-    """How a round's LoRA is trained (the recipe's [train] table)."""
+class TrainSettings:
+    """How a model is optimised; the defaults are the recipe's [train] defaults."""
+
+    lr: float = 1e-4
+    batch_size: int = 1  # per process and micro-batch
+    grad_accum: int = 1
+    schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or no | bf16 | fp16
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_with: str | None = None  # tensorboard | wandb (accelerate trackers)
+
+    # Fields that do not change what is trained: a resume may change them.
+    RUNTIME = ("checkpoint_every", "log_with")
+
+    def identity(self) -> dict:
+        """What a checkpoint made with these settings must agree on to be resumed."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+
+
+@dataclass
+class LoRATrainSettings(TrainSettings):
+    """How a round's LoRA is trained (the recipe's [train] table): the optimisation, and how
+    the LoRA is made (its size, the images, the flow-matching objective)."""
 
     mode: str = "batched"
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (scale 1)
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
-    lr: float = 1e-4
     steps_stage1: int = 100
     steps_stage2: int = 100
-    batch_size: int = 1
-    grad_accum: int = 1
     resolution: int | None = None  # longer side of the training images (None: as generated)
     gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    seed: int = 0
     timestep_sampling: str = "diffsynth"
     weighting: str = "diffsynth"
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
     guidance: float = 3.5
-    checkpoint_every: int = 50
-    log_with: str | None = None  # tensorboard | wandb (accelerate trackers)
     per_pair_rank: int | None = None  # per-pair: rank of the averaged LoRA (None: `rank`; >= pairs x rank: exact)
+
+    RUNTIME = (*TrainSettings.RUNTIME, "gradient_checkpointing")  # the same gradients, less memory
 
     def validate(self) -> None:
         if self.mode not in MODES:

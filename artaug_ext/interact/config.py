@@ -1,0 +1,57 @@
+"""What defines a pair dataset's output: `InteractConfig`, item ids, and the run.json record."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from ..files import record_settings
+from .constants import DEFAULT_REGION_SCALE
+from .keep import FilterConfig
+
+RUN_FORMAT = 1
+
+
+@dataclass
+class InteractConfig:
+    """Everything that defines a run's output (device and progress excluded)."""
+
+    prompts: list[str]
+    model: str = "tiny"
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    critic: str = "heuristic"
+    critic_options: dict = field(default_factory=dict)
+    scorer: str = "heuristic"
+    images_per_prompt: int = 1
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    region_scale: float = DEFAULT_REGION_SCALE
+    guidance: float = 3.5
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    pictures: bool = True
+
+
+def item_id(prompt_index: int, image_index: int) -> str:
+    return f"{prompt_index:05d}-{image_index:02d}"
+
+
+def run_settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], critic, scorer) -> dict:
+    """What run.json records: the config as the critic and scorer describe themselves (so equal
+    settings spelled differently compare equal), model and LoRA hashes."""
+    d = asdict(cfg)
+    d["filter"] = cfg.filter.to_dict()
+    d.pop("critic_options")
+    d["critic"] = critic.describe() if hasattr(critic, "describe") else cfg.critic
+    d["scorer"] = scorer.describe() if hasattr(scorer, "describe") else cfg.scorer
+    d["loras"] = lora_sha
+    d["model_sha256"] = model_sha
+    d["format"] = RUN_FORMAT
+    return d
+
+
+def check_run_json(run_dir: str, settings: dict) -> None:
+    record_settings(os.path.join(run_dir, "run.json"), settings,
+                    f"--out {run_dir} holds a run with other settings ({{diff}}); resume with the same settings "
+                    "or use a new --out")

@@ -1,0 +1,109 @@
+"""report.html of an `artaug run` folder: the rounds, plots, every round's pairs, the final
+LoRA and its held-out check, made of the eval report's generic pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..eval.report import esc, metric_table, page, svg_plot, verdict
+from ..files import atomic_write_bytes, read_jsonl
+from .layout import RoundRecord, round_dir, stage_losses
+
+
+def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
+    """Original vs enhanced of a round's items, the critic's boxes and local prompts drawn on
+    them (written once into the round's report/ folder), with each pair's verdict."""
+    from ..interact.images import load_image, png_bytes
+    from ..interact.parse import Suggestion
+    from ..interact.pictures import pair_picture
+
+    records = read_jsonl(os.path.join(folder, "interact", "manifest.jsonl"), what="manifest")
+    enhanced = [r for r in records if r.get("enhanced")]
+    shown = sorted(enhanced, key=lambda r: (not r.get("kept"), r["id"]))[:max_items]
+    cells = []
+    for rec in shown:
+        rel = os.path.join(os.path.relpath(folder, out_dir), "report", f"{rec['id']}.png")
+        path = os.path.join(out_dir, rel)
+        if not os.path.isfile(path):
+            suggestions = [Suggestion.from_dict(s) for s in rec.get("suggestions", [])]
+            pic = pair_picture(load_image(os.path.join(folder, "interact", rec["original"])),
+                               load_image(os.path.join(folder, "interact", rec["enhanced"])), suggestions, rec["prompt"])
+            atomic_write_bytes(path, png_bytes(pic))
+        prompts = "; ".join(f"[{s.get('category', '')}] {s.get('prompt', '')}" for s in rec.get("suggestions", []))
+        kept = "kept" if rec.get("kept") else "rejected"
+        cells.append(f"<div class='cell'><img src=\"{esc(rel)}\" alt=\"{esc(rec['id'])}\">"
+                     f"<div class='verdict {kept}'>{kept}: {esc(rec.get('why', ''))}</div>"
+                     f"<figcaption>{esc(rec['prompt'])}<br><span class=muted>critic: {esc(prompts)}</span></figcaption></div>")
+    without = len(records) - len(enhanced)
+    note = f"<p class=muted>{without} of {len(records)} items had no suggestion from the critic.</p>" if without else ""
+    return note + "<div class=grid>" + "".join(cells) + "</div>"
+
+
+def _rounds_table(rounds: list[RoundRecord]) -> list[str]:
+    body = ["<h2>Rounds</h2><table><tr><th>round</th><th>items</th><th>enhanced</th><th>kept</th><th>kept share</th>"
+            "<th>mean gain of kept</th><th>trained pairs</th><th>stage-1 loss</th><th>stage-2 loss</th><th>seconds</th></tr>"]
+    for rec in rounds:
+        def loss(stage, train=rec.train or {}):
+            s = train.get(stage)
+            return f"{s['first']:.4f} &rarr; {s['last']:.4f}" if s else ""
+
+        body.append(f"<tr><td>{rec.round}</td><td>{rec.items}</td><td>{rec.enhanced}</td><td>{rec.kept}</td>"
+                    f"<td>{rec.kept_fraction:.1%}</td><td>{rec.mean_gain:.4f}</td><td>{rec.trained_pairs}</td>"
+                    f"<td>{loss('stage1')}</td><td>{loss('stage2')}</td><td>{rec.seconds}</td></tr>")
+    body.append("</table>")
+    return body
+
+
+def _plots(out_dir: str, rounds: list[RoundRecord]) -> list[str]:
+    xs = [rec.round for rec in rounds]
+    plots = [svg_plot(lambda ax: (ax.bar(xs, [rec.kept_fraction for rec in rounds], color="#4a78b5"),
+                                  ax.set_title("kept share of items per round", fontsize=9), ax.set_xticks(xs))),
+             svg_plot(lambda ax: (ax.bar(xs, [rec.mean_gain for rec in rounds], color="#5a9a5a"),
+                                  ax.set_title("mean score gain of kept pairs", fontsize=9), ax.set_xticks(xs)))]
+    for rec in rounds:
+        losses = stage_losses(out_dir, rec.round)
+        if losses:
+            def draw(ax, losses=losses, n=rec.round):
+                for name, values in sorted(losses.items())[:8]:
+                    ax.plot(range(1, len(values) + 1), values, label=name, lw=1)
+                ax.set_title(f"round {n}: training loss per step", fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+                ax.legend(fontsize=7)
+
+            plots.append(svg_plot(draw))
+    return ["<h2>Plots</h2>", "<div class=plots>" + "".join(plots) + "</div>"]
+
+
+def _final_section(final: dict) -> list[str]:
+    energy = f", retained energy &ge; {final['energy_min']:.4f}" if final.get("rank") else " (the exact sum)"
+    return [f"<h2>Final LoRA</h2><p><a href=\"{esc(final['lora'])}\">{esc(final['lora'])}</a> (kohya format: "
+            f"DiffSynth, ComfyUI, diffusers) and <a href=\"{esc(final['lora_diffsynth'])}\">"
+            f"{esc(final['lora_diffsynth'])}</a>; {final['rounds']} round(s), rank "
+            f"{final['rank'] or final['ranks_before']}{energy}; card: final/model_card.json</p>"]
+
+
+def write_run_report(out_dir: str, summary: dict) -> str:
+    """report.html of a run folder (`summary` as the runner returns it); returns its relative path."""
+    rounds = [RoundRecord.from_dict(d) for d in summary["rounds"]]
+    final = summary.get("final")
+    check = summary.get("eval")
+    said = verdict(check["result"]) if check else ("no held-out check in this recipe" if final else "no LoRA was trained")
+    body = [f"<div class=verdict>{esc(said)}</div>", *_rounds_table(rounds)]
+    if summary.get("stopped"):
+        body.append(f"<p><b>Stopped:</b> {esc(summary['stopped'])}</p>")
+    body += _plots(out_dir, rounds)
+    if final:
+        body += _final_section(final)
+    if check:
+        body += ["<h2>Held-out check</h2>",
+                 f"<p>{esc(check['what'])} <a href=\"{esc(check['report'])}\">Full eval report</a>.</p>",
+                 metric_table(check["result"])]
+    for rec in rounds:
+        folder = round_dir(out_dir, rec.round)
+        if os.path.isfile(os.path.join(folder, "interact", "manifest.jsonl")):
+            body += [f"<h2>Round {rec.round}: original vs enhanced</h2>", _round_pictures(out_dir, folder)]
+    body.append(f"<h2>Numbers</h2><pre>{esc(json.dumps(summary['rounds'], indent=1)[:20000])}</pre>")
+    path = os.path.join(out_dir, "report.html")
+    atomic_write_bytes(path, page(f"artaug run: {os.path.basename(out_dir)}", "\n".join(body)).encode("utf-8"))
+    return "report.html"
