@@ -8,8 +8,8 @@ import torch
 from ..errors import UsageError
 from .settings import FLUX_LORA_TARGETS
 
-ADAPTER = "default"  # PEFT's adapter name: DiffSynth's training output keys carry it (".lora_A.default.weight")
-# Metadata of our training-format files (DiffSynth's keys, alpha / rank folded into lora_B).
+ADAPTER = "default"  # PEFT's adapter name: in-memory state keys carry it (".lora_A.default.weight")
+# Metadata of our training-format files (DiffSynth's module names, alpha / rank folded into lora_B).
 TRAINING_FORMAT = "artaug-diffsynth-lora-v1"
 
 
@@ -89,10 +89,10 @@ def remove_lora(model: torch.nn.Module) -> int:
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters in DiffSynth's training-output format (`blocks.0.attn.a_to_qkv.lora_A.default.weight`),
-    keys relative to the DiT (whatever wraps it), fp32, with each layer's alpha / rank folded
-    into lora_B: every loader that reads these keys with scale 1 (ours, DiffSynth's) merges
-    exactly the update that was trained."""
+    """The adapters with PEFT's keys (`blocks.0.attn.a_to_qkv.lora_A.default.weight`), keys
+    relative to the DiT (whatever wraps it), fp32, with each layer's alpha / rank folded into
+    lora_B, so a loader that applies B @ A with scale 1 merges exactly the update that was
+    trained. `save_lora` writes them without the adapter name."""
     out = {}
     for name, layer in lora_layers_of(model).items():
         if ADAPTER not in layer.lora_A:
@@ -105,8 +105,27 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _without_adapter_name(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`...lora_A.default.weight` -> `...lora_A.weight`. DiffSynth's FLUX loader
+    (FluxLoRALoader, diffsynth 2.1.12) fuses only keys ending in `.lora_A.weight` /
+    `.lora_B.weight` and skips the others without an error ("0 tensors are fused")."""
+    out = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.{ADAPTER}.weight", f".{part}.weight")
+        out[key] = value
+    return out
+
+
 def save_lora(state: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> str:
-    """Write a training-format LoRA atomically (safetensors with our format marker)."""
+    """Write a training-format LoRA atomically (safetensors with our format marker), keyed as
+    DiffSynth's `pipe.load_lora` fuses them: no adapter name in the keys, and no alpha tensors,
+    since that loader ignores alpha on DiffSynth-named keys (the scale belongs in lora_B)."""
     from ..files import save_safetensors
 
-    return save_safetensors(state, path, {"format": TRAINING_FORMAT, "alpha_folded": "true", **(metadata or {})})
+    alphas = [k for k in state if k.endswith(".alpha")]
+    if alphas:
+        raise UsageError(f"{len(alphas)} alpha tensors (e.g. {alphas[0]!r}): fold alpha / rank into lora_B first, "
+                         "as lora_state_dict does")
+    return save_safetensors(_without_adapter_name(state), path,
+                            {"format": TRAINING_FORMAT, "alpha_folded": "true", **(metadata or {})})
