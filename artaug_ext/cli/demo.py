@@ -32,10 +32,12 @@ def demo_recipe_path() -> str:
 
 def fresh_folder(base: str = "artaug-demo") -> str:
     """`base`, or `base-2`, `base-3`, ...: the first that does not hold a finished demo."""
+    from ..recipe.layout import SUMMARY
+
     n = 1
     while True:
         path = base if n == 1 else f"{base}-{n}"
-        if not os.path.exists(os.path.join(path, "summary.json")):
+        if not os.path.exists(os.path.join(path, SUMMARY)):
             return path
         n += 1
 

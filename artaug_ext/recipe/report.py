@@ -8,7 +8,7 @@ import os
 
 from ..eval.report import esc, metric_table, page, svg_plot, verdict
 from ..files import atomic_write_bytes, read_jsonl
-from .layout import RoundRecord, round_dir, stage_losses
+from .layout import MODEL_CARD, RoundRecord, round_dir, stage_losses
 
 
 def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
@@ -80,7 +80,7 @@ def _final_section(final: dict) -> list[str]:
     return [f"<h2>Final LoRA</h2><p><a href=\"{esc(final['lora'])}\">{esc(final['lora'])}</a> (kohya format: "
             f"DiffSynth, ComfyUI, diffusers) and <a href=\"{esc(final['lora_diffsynth'])}\">"
             f"{esc(final['lora_diffsynth'])}</a>; {final['rounds']} round(s), rank "
-            f"{final['rank'] or final['ranks_before']}{energy}; card: final/model_card.json</p>"]
+            f"{final['rank'] or final['ranks_before']}{energy}; card: {esc(MODEL_CARD)}</p>"]
 
 
 def write_run_report(out_dir: str, summary: dict) -> str:
