@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..errors import FileFormatError, UsageError
-from ..train.settings import LoRATrainSettings
+from ..train.settings import LoRATrainSettings, SettingError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -238,6 +238,10 @@ def recipe_from_dict(data: dict, path: str = "<recipe>", text: str = "") -> Reci
         if missing:
             raise UsageError(f"{where(name)}: {name}.{missing[0]} is required")
         sections[name] = cls(**table)
+    train = data.get("train", {})
+    if train.get("timestep_sampling") == "logit-normal" and "weighting" in train:
+        raise UsageError(f"{where('train', 'weighting')}: train.weighting {train['weighting']!r}: timestep_sampling "
+                         "'logit-normal' is unweighted and ignores it; leave weighting out")
     recipe = Recipe(**sections, path=os.path.abspath(path) if path != "<recipe>" else path)
     _check_values(recipe, where)
     return recipe
@@ -277,7 +281,12 @@ def _check_values(r: Recipe, where) -> None:
         raise UsageError(f"{where('data', 'prompts')}: data.prompts is an empty list")
     try:
         r.train.validate()
-    except UsageError as e:
-        raise UsageError(f"{where('train')}: {e}") from None
+    except SettingError as e:
+        raise UsageError(f"{where('train', e.key)}: {e}") from None
+    if r.train.resolution is not None:
+        side = max(sizes) if sizes else card(r.run.model).defaults.size
+        if r.train.resolution > side:
+            raise UsageError(f"{where('train', 'resolution')}: train.resolution {r.train.resolution} is above the "
+                             f"images' size {side} (data.size); use at most {side}, or leave it out")
     if r.eval is not None and r.eval.seeds <= 0:
         raise UsageError(f"{where('eval', 'seeds')}: eval.seeds must be positive")

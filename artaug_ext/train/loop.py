@@ -27,7 +27,7 @@ from ..dist import process_info
 from ..errors import UsageError
 from ..files import append_line, atomic_write_json, first_difference, read_jsonl
 from .loss_log import LOSS_LOG
-from .settings import TrainSettings
+from .settings import SCHEDULES, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SampleRandom:
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     schedule, warmup = cfg.settings.schedule, cfg.settings.warmup_steps
-    if schedule not in ("constant", "cosine", "linear"):
+    if schedule not in SCHEDULES:
         raise UsageError(f"unknown LR schedule {schedule!r}; use constant, cosine or linear")
 
     def fn(step: int) -> float:

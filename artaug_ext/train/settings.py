@@ -5,6 +5,8 @@ no model code. The training loop's own view (`loop.TrainConfig`) holds one of th
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UsageError
@@ -14,6 +16,24 @@ FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b
                      "proj_out", "norm.linear", "norm1_a.linear", "norm1_b.linear", "to_qkv_mlp")
 TIMESTEP_SAMPLING = ("diffsynth", "logit-normal")
 MODES = ("batched", "per-pair", "sft")
+SCHEDULES = ("constant", "cosine", "linear")
+WEIGHTINGS = ("diffsynth", "uniform")  # of timestep_sampling "diffsynth"; "logit-normal" is unweighted
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+# accelerate's trackers: the package each needs, and how to install it
+TRACKERS = {"tensorboard": ("tensorboard", "pip install 'artaug-ext[tensorboard]'"),
+            "wandb": ("wandb", "pip install wandb")}
+
+
+class SettingError(UsageError):
+    """A training setting that cannot be used; `key` names it (a recipe error gives its line)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -38,6 +58,34 @@ class TrainSettings:
         """What a checkpoint made with these settings must agree on to be resumed."""
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
 
+    def _refuse(self, key: str, why: str):
+        raise SettingError(key, f"train.{key} {getattr(self, key)!r}: {why}")
+
+    def validate(self) -> None:
+        """Every value checked before any work, each error naming the key and what is allowed."""
+        if not (_number(self.lr) and self.lr > 0):
+            self._refuse("lr", "must be a positive number")
+        for key in ("batch_size", "grad_accum"):
+            if getattr(self, key) <= 0:
+                self._refuse(key, "must be positive")
+        if self.schedule not in SCHEDULES:
+            self._refuse("schedule", f"use one of {', '.join(SCHEDULES)}")
+        for key in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                self._refuse(key, "must be 0 or more")
+        if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
+            self._refuse("max_grad_norm", "must be positive, or 0 for no clipping (a negative bound flips every "
+                                          "gradient: the model would train uphill)")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            self._refuse("mixed_precision", f"use one of {', '.join(MIXED_PRECISIONS)}")
+        if self.log_with is not None:
+            if self.log_with not in TRACKERS:
+                self._refuse("log_with", f"use one of {', '.join(TRACKERS)}, or leave it out")
+            package, install = TRACKERS[self.log_with]
+            if importlib.util.find_spec(package) is None:
+                self._refuse("log_with", f"the {package} package is not installed, so nothing would be logged; "
+                                         f"{install}, or leave log_with out")
+
 
 @dataclass
 class LoRATrainSettings(TrainSettings):
@@ -61,13 +109,27 @@ class LoRATrainSettings(TrainSettings):
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise UsageError(f"train.mode {self.mode!r}: use one of {', '.join(MODES)}")
+            self._refuse("mode", f"use one of {', '.join(MODES)}")
+        super().validate()
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise UsageError(f"train.timestep_sampling {self.timestep_sampling!r}: use {', '.join(TIMESTEP_SAMPLING)}")
-        for name in ("rank", "batch_size", "grad_accum", "steps_stage2"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"train.{name} must be positive, not {getattr(self, name)}")
+            self._refuse("timestep_sampling", f"use {', '.join(TIMESTEP_SAMPLING)}")
+        if self.weighting not in WEIGHTINGS:
+            self._refuse("weighting", f"use one of {', '.join(WEIGHTINGS)}")
+        if self.timestep_sampling == "logit-normal" and self.weighting != "diffsynth":
+            self._refuse("weighting", "timestep_sampling 'logit-normal' is unweighted and ignores it; leave "
+                                      "weighting out, or use timestep_sampling 'diffsynth'")
+        for key in ("rank", "steps_stage2"):
+            if getattr(self, key) <= 0:
+                self._refuse(key, "must be positive")
         if self.mode != "sft" and self.steps_stage1 <= 0:
-            raise UsageError(f"train.steps_stage1 must be positive in mode {self.mode!r}")
-        if not self.lr > 0:
-            raise UsageError(f"train.lr must be positive, not {self.lr}")
+            self._refuse("steps_stage1", f"must be positive in mode {self.mode!r}")
+        if self.alpha is not None and not (_number(self.alpha) and self.alpha > 0):
+            self._refuse("alpha", "must be positive (or left out: alpha = rank)")
+        if self.per_pair_rank is not None and self.per_pair_rank <= 0:
+            self._refuse("per_pair_rank", "must be positive (or left out: the rank)")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 16):
+            self._refuse("resolution", "must be a positive multiple of 16 (or left out: the generated size)")
+        if not self.target_modules:
+            self._refuse("target_modules", f"name at least one layer, e.g. {', '.join(FLUX_LORA_TARGETS[:3])}")
+        if not _number(self.guidance):
+            self._refuse("guidance", "must be a finite number")
