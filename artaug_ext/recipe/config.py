@@ -149,9 +149,9 @@ _REQUIRED_SECTIONS = ("run", "data")
 def _fields_most_specific_first(cls) -> list[dataclasses.Field]:
     """A table's keys in the order a reader looks for them: the class's own before inherited ones
     ([train]: how the LoRA is made, then how it is optimised)."""
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
     fields = dataclasses.fields(cls)
-    own = [f for f in fields if f.name in vars(cls).get("__annotations__", {})]
-    return own + [f for f in fields if f not in own]
+    return [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
 
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
