@@ -48,8 +48,9 @@ setup(
     ],
     # playwright drives the system Chromium in the report tests (its own browser download is never used)
     # import-linter checks the README's architecture table (.importlinter) in the tests
-    # tensorboard: `[train] log_with = "tensorboard"` (accelerate logs nothing without it; the recipe check says so)
-    extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1"],
+    # tensorboard: `[train] log_with = "tensorboard"` (accelerate logs nothing without it; the recipe check says so);
+    # the tests read the event files a run writes
+    extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1", "tensorboard"],
                     "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
 )

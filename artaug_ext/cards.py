@@ -21,6 +21,10 @@ class Defaults:
     size: int
     t5_sequence_length: int
     guidance: float = 3.5
+    # The embedded guidance its authors train LoRAs at (None: no known setting). A recipe's
+    # [train] guidance defaults to it, and the model card says whether a run kept it.
+    train_guidance: float | None = None
+    train_guidance_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,12 @@ CARDS: dict[str, ModelCard] = {c.name: c for c in [
             "tokenizer": "tokenizer/",
             "tokenizer_2": "tokenizer_2/",
         },
-        # The ArtAug authors' settings: 30 steps, embedded guidance 3.5, 1024x1024, T5 length 512.
-        defaults=Defaults(steps=30, size=1024, t5_sequence_length=512),
+        # The ArtAug authors' settings: 30 steps, embedded guidance 3.5, 1024x1024, T5 length 512;
+        # LoRAs trained at embedded guidance 1 (they train with DiffSynth's FLUX trainer).
+        defaults=Defaults(steps=30, size=1024, t5_sequence_length=512, train_guidance=1.0,
+                          train_guidance_source="DiffSynth's FLUX trainer (examples/flux/model_training/train.py), "
+                                                "which the ArtAug authors train with, fixes embedded_guidance = 1 "
+                                                "and says not to change it"),
         companion_lora="artaug",
         timing=Timing(
             device="one H100 SXM (bf16)", image_seconds=7.0, train_step_seconds=0.8,

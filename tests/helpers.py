@@ -84,3 +84,24 @@ def kill_when_paused(args: list[str], pause_at: str, marker) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
+
+
+def ranks_in_turn():
+    """A `Collective` for one process playing the ranks of WORLD_SIZE in turn (sharding tests):
+    there is no other process to wait for or to hear from."""
+    from artaug_ext.dist import Collective
+
+    class RanksInTurn(Collective):
+        def barrier(self) -> None:
+            pass
+
+        def broadcast(self, obj):
+            return obj
+
+        def gather(self, obj) -> list:
+            return [obj] * self.info.world
+
+        def check_shared_folder(self, folder: str, option: str = "--out") -> None:
+            pass  # every rank is this process: one folder by construction
+
+    return RanksInTurn()

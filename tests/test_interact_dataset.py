@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import kill_when_paused
+from helpers import kill_when_paused, ranks_in_turn
 from PIL import Image
 
 from artaug_ext.eval.prompts import read_prompt_file
@@ -107,7 +107,8 @@ def test_transformers_critic_stays_on_its_rank_device(tmp_path, pipe, monkeypatc
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     config = cfg(critic="transformers", critic_options={"path": "some/vlm"})
-    InteractRun(config, str(tmp_path / "run"), pipe=pipe, scorer=HeuristicScorer(), device="cuda", progress=False)
+    InteractRun(config, str(tmp_path / "run"), pipe=pipe, scorer=HeuristicScorer(), device="cuda", progress=False,
+                collective=ranks_in_turn())
     want = "cuda:1" if torch.cuda.is_available() else "cpu"
     assert seen == {"path": "some/vlm", "device_map": want} and config.critic_options == {"path": "some/vlm"}
 
@@ -121,7 +122,8 @@ def test_sharded_ranks_merge_to_the_single_rank_manifest(tmp_path, pipe, monkeyp
     monkeypatch.setenv("LOCAL_RANK", "0")
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
-        stats = run_interact(cfg(prompts=PROMPTS[:3]), str(sharded), pipe=pipe, progress=False)
+        stats = run_interact(cfg(prompts=PROMPTS[:3]), str(sharded), pipe=pipe, progress=False,
+                             collective=ranks_in_turn())
         assert stats["processed"] == (2 if rank == 0 else 1)
     assert stats["merged"] == 3
     a, b = tree(single), tree(sharded)

@@ -58,10 +58,11 @@ def format_summary(summary: dict) -> str:
 
     for rec in map(RoundRecord.from_dict, summary["rounds"]):
         line = (f"  round {rec.round}: {rec.items} items, {rec.enhanced} enhanced, {rec.kept} kept "
-                f"({rec.kept_fraction:.0%}), mean gain {rec.mean_gain:.4f}")
+                f"({rec.kept_fraction:.0%}), mean gain of kept {rec.mean_gain:.4f}")
         stage = (rec.train or {}).get("stage2", {})
         if stage:
-            line += f"; trained on {rec.trained_pairs} pairs, stage-2 loss {stage['first']:.4f} -> {stage['last']:.4f}"
+            line += (f"; trained on {rec.trained_pairs} pairs, stage-2 loss {stage['first']:.4f} -> "
+                     f"{stage['last']:.4f} (mean of the first and last {stage.get('window', 1)} steps)")
         lines.append(line)
     if summary.get("stopped"):
         lines.append(f"  stopped: {summary['stopped']}")

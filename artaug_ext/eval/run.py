@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..dist import process_info
+from ..dist import Collective, lock_folder, process_info
 from ..errors import ArtaugError, UsageError
 from ..files import atomic_write_bytes, atomic_write_json, record_settings
 from .layout import image_path
@@ -33,6 +33,8 @@ from .scoring import ScoreCache, image_sha256, metric_kinds
 from .stats import summarize_metric
 
 logger = logging.getLogger(__name__)
+
+EVAL_LOCK = ".artaug-eval-lock"  # held by the main process of the eval writing the folder (its pid inside)
 
 EVAL_FORMAT = 1
 # The ArtAug paper's table also has MPS, which diffsynth.metrics does not provide.
@@ -215,16 +217,17 @@ def _plain(d: dict) -> dict:
 
 
 def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir: str | None = None,
-             device: str | None = None, progress: bool = True, report: bool = True) -> dict:
+             device: str | None = None, progress: bool = True, report: bool = True,
+             collective: Collective | None = None) -> dict:
     """Generate what is missing, score what is new, compare, write results.json (and report.html)."""
-    from ..files import FolderLock
-
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
-    info = process_info()
-    rank, world = info.rank, info.world
+    collective = collective or Collective()
+    rank, world = collective.info.rank, collective.info.world
     os.makedirs(out_dir, exist_ok=True)
-    with FolderLock(out_dir, f".artaug-eval-lock-rank{rank:05d}-of-{world:05d}", what="eval folder"):
+    lock = lock_folder(out_dir, collective, EVAL_LOCK, what="eval folder")
+    try:
+        collective.check_shared_folder(out_dir)  # the main process scores every rank's images
         _check_folder(out_dir, cfg)
         if scorer is None:
             from ..interact.scorers import make_scorer
@@ -266,6 +269,9 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         logger.info("eval: %d images generated in %.1fs; %d scorer forward passes (%d cached) in %.2fs", generated,
                     gen_s, cache.forward_passes, cache.hits, score_s)
         return result
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _wait_for_images(cfg: EvalConfig, out_dir: str, timeout: float = 24 * 3600) -> None:

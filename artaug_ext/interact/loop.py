@@ -30,8 +30,8 @@ import time
 
 from PIL import Image
 
-from ..dist import process_info
-from ..files import FolderLock, append_line, atomic_write_bytes, sha256_path
+from ..dist import Collective, lock_folder
+from ..files import append_line, atomic_write_bytes, sha256_path
 from ..hub import hash_cache_file
 from .config import InteractConfig, check_run_json, item_id, run_settings
 from .enhance import enhance
@@ -43,14 +43,18 @@ from .pictures import pair_picture
 
 logger = logging.getLogger(__name__)
 
+INTERACT_LOCK = ".artaug-lock"  # held by the main process of the run writing the folder (its pid inside)
+
 
 class InteractRun:
     """One rank's share of a run; `run()` processes its unfinished items in order."""
 
     def __init__(self, cfg: InteractConfig, run_dir: str, *, pipe=None, critic=None, scorer=None,
-                 model_dir: str | None = None, device: str | None = None, progress: bool = True):
+                 model_dir: str | None = None, device: str | None = None, progress: bool = True,
+                 collective: Collective | None = None):
         self.cfg, self.run_dir, self.progress = cfg, os.path.abspath(run_dir), progress
-        info = process_info()
+        collective = collective or Collective()
+        info = collective.info
         self.rank, self.world, local = info.rank, info.world, info.local_rank
         if device in (None, "cuda") and self.world > 1:
             import torch
@@ -62,14 +66,19 @@ class InteractRun:
         self.height = cfg.height or default_size(cfg.model)
         self.width = cfg.width or default_size(cfg.model)
         self.t5_len = t5_sequence_length(cfg.model)
-        # This rank's lock on the folder, before anything expensive: a second run of the same
-        # rank on the same folder is refused, naming the process that holds it.
-        self.lock = FolderLock(self.run_dir, f".artaug-lock-rank{self.rank:05d}-of-{self.world:05d}").acquire()
+        # One lock on the folder for the whole launch, before anything expensive: a second run
+        # of any world size is refused on every rank, naming the process that holds it.
+        self.lock = lock_folder(self.run_dir, collective, INTERACT_LOCK)
         try:
+            collective.check_shared_folder(self.run_dir)  # ranks merge each other's shards
             self._setup(pipe, critic, scorer, model_dir, device)
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _setup(self, pipe, critic, scorer, model_dir, device) -> None:
         """Critic and scorer first (their configuration errors cost nothing), then the pipeline."""
@@ -179,7 +188,7 @@ class InteractRun:
         try:
             return self._run()
         finally:
-            self.lock.release()
+            self._release()
 
     def _run(self) -> dict:
         from tqdm import tqdm

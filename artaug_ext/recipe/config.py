@@ -38,7 +38,9 @@ class RunSection:
     rounds: int = 2
     seed: int = 0
     stop_kept_fraction: float = 0.0  # stop after a round that keeps less than this share of its items
-    stop_mean_gain: float = 0.0  # ... or whose kept pairs gain less than this on average
+    # ... or whose enhanced items (all of them, kept or not) gain less than this on average;
+    # None: no such rule (over every item the mean can be negative in a round that still helps)
+    stop_mean_gain: float | None = None
     final_rank: int | None = None  # rank of the combined LoRA (None: the exact sum, no truncation)
     name: str = ""
 
@@ -244,6 +246,12 @@ def recipe_from_dict(data: dict, path: str = "<recipe>", text: str = "") -> Reci
                          "'logit-normal' is unweighted and ignores it; leave weighting out")
     recipe = Recipe(**sections, path=os.path.abspath(path) if path != "<recipe>" else path)
     _check_values(recipe, where)
+    if "guidance" not in train:
+        from ..cards import card
+
+        authors = card(recipe.run.model).defaults.train_guidance
+        if authors is not None:  # train where the model's authors do, unless the recipe says otherwise
+            recipe.train.guidance = authors
     return recipe
 
 

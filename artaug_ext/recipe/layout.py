@@ -12,6 +12,7 @@ Torch-free, so the CLI, the eval and the run report read a run folder without lo
     final/model_card.json          base model hashes, rounds, counts, scores, the whole recipe
     final/eval/                    the held-out check (an `artaug eval` folder)
     report.html, summary.json      written at the end of every run
+    .artaug-run-lock               held by the run's main process (its pid inside) while it runs
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FINAL_LORA_DIFFSYNTH = os.path.join("final", "lora_diffsynth.safetensors")
 MODEL_CARD = os.path.join("final", "model_card.json")
 FINAL_EVAL = os.path.join("final", "eval")
 SUMMARY = "summary.json"
+RUN_LOCK = ".artaug-run-lock"
 
 
 @dataclass
@@ -43,8 +45,9 @@ class RoundRecord:
     enhanced: int
     kept: int
     kept_fraction: float
-    mean_gain: float
+    mean_gain: float  # over the kept pairs only (each above the filter's margin)
     trained_pairs: int
+    mean_gain_enhanced: float | None = None  # over every enhanced item: what run.stop_mean_gain reads
     lora: str | None = None  # relative to the run folder; None: the round trained nothing
     stopped: str | None = None  # why the run stopped in this round (kept no pairs)
     train: dict = field(default_factory=dict)  # per stage: loss summary

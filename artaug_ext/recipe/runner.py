@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from ..dist import process_info
+from ..dist import Collective, lock_folder, process_info
 from ..errors import UsageError
-from ..files import FolderLock, atomic_write_json, read_json, record_settings
+from ..files import atomic_write_json, read_json, record_settings
 from .config import Recipe
 from .layout import (
     FINAL_EVAL,
@@ -35,6 +35,7 @@ from .layout import (
     MODEL_CARD,
     ROUND_DONE,
     RUN_JSON,
+    RUN_LOCK,
     SUMMARY,
     RoundRecord,
     read_round,
@@ -66,6 +67,7 @@ class RecipeRun:
         self.accelerator = accelerator or self._make_accelerator(device)
         info = process_info(self.accelerator)
         self.rank, self.world, self.main = info.rank, info.world, info.main
+        self.collective = Collective(self.accelerator, info)
         self.device = device if device not in (None, "cuda") or self.world == 1 else str(self.accelerator.device)
 
     def _make_accelerator(self, device: str | None):
@@ -131,7 +133,8 @@ class RecipeRun:
             height=height, width=width, seed=self._round_seed(round_number), region_scale=recipe.enhance.region_scale,
             guidance=recipe.data.guidance, filter=FilterConfig(margin=keep.margin, relative=keep.relative,
                                                                alignment_tolerance=keep.alignment_tolerance))
-        InteractRun(cfg, folder, pipe=self.pipe, critic=self.critic, scorer=self.scorer, progress=self.progress).run()
+        InteractRun(cfg, folder, pipe=self.pipe, critic=self.critic, scorer=self.scorer, progress=self.progress,
+                    collective=self.collective).run()
         self._barrier()
         if self.main:
             merge_manifests(folder)
@@ -145,6 +148,7 @@ class RecipeRun:
         records = read_manifest(os.path.join(folder, "manifest.jsonl"))
         pairs = read_pairs(folder)
         gains = [p.gain for p in pairs if p.gain is not None]
+        every = [x["gain"] for x in records if x.get("enhanced") and x.get("gain") is not None]
         keep = self.recipe.filter
         chosen = sorted(pairs, key=lambda p: (-(p.gain or 0.0), p.id))
         n = max(1, int(round(len(chosen) * keep.keep_fraction))) if chosen else 0
@@ -154,7 +158,8 @@ class RecipeRun:
         record = RoundRecord(round=round_number, seed=self._round_seed(round_number), items=len(records),
                              enhanced=sum(bool(x.get("enhanced")) for x in records), kept=len(pairs),
                              kept_fraction=len(pairs) / len(records) if records else 0.0,
-                             mean_gain=sum(gains) / len(gains) if gains else 0.0, trained_pairs=len(chosen))
+                             mean_gain=sum(gains) / len(gains) if gains else 0.0, trained_pairs=len(chosen),
+                             mean_gain_enhanced=sum(every) / len(every) if every else None)
         return chosen, record
 
     def _run_round(self, round_number: int) -> RoundRecord:
@@ -194,14 +199,16 @@ class RecipeRun:
 
     def run(self) -> dict:
         os.makedirs(self.out_dir, exist_ok=True)
-        lock = FolderLock(self.out_dir, f".artaug-run-lock-rank{self.rank:05d}-of-{self.world:05d}").acquire()
+        lock = lock_folder(self.out_dir, self.collective, RUN_LOCK)
         try:
+            self.collective.check_shared_folder(self.out_dir)
             _check_run_json(self.out_dir, self.recipe, self.main)
             self._barrier()
             self._setup()
             return self._rounds_and_final()
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def _rounds_and_final(self) -> dict:
         from ..lora import load_lora
@@ -260,7 +267,7 @@ class RecipeRun:
         self.round_loras = []
         folder = os.path.join(self.out_dir, FINAL_EVAL)
         result = run_eval(cfg, folder, pipe=self.pipe, model_dir=self.model_dir, device=self.device,
-                          progress=self.progress)
+                          progress=self.progress, collective=self.collective)
         what = (f"The base model against base + the final LoRA on {len(items)} held-out prompts ({e.prompts}, none "
                 f"trained on) x {e.seeds} seeds from {e.seed}, scored by {e.scorer}.")
         return {"what": what, "report": os.path.join(FINAL_EVAL, "report.html"),
@@ -273,9 +280,11 @@ class RecipeRun:
         if record.kept_fraction < run.stop_kept_fraction:
             return (f"round {record.round} kept {record.kept_fraction:.1%} of its items, below "
                     f"run.stop_kept_fraction {run.stop_kept_fraction:.1%}")
-        if record.mean_gain < run.stop_mean_gain:
-            return (f"round {record.round}'s kept pairs gained {record.mean_gain:.4g} on average, below "
-                    f"run.stop_mean_gain {run.stop_mean_gain:g}")
+        if run.stop_mean_gain is not None and (record.mean_gain_enhanced is None
+                                               or record.mean_gain_enhanced < run.stop_mean_gain):
+            gained = "had no enhanced item" if record.mean_gain_enhanced is None else \
+                f"gained {record.mean_gain_enhanced:.4g} on average over its {record.enhanced} enhanced items"
+            return f"round {record.round} {gained}, below run.stop_mean_gain {run.stop_mean_gain:g}"
         return None
 
     def _final(self, rounds: list[RoundRecord]) -> dict:
@@ -316,23 +325,51 @@ class RecipeRun:
                        "kept": sum(rec.kept for rec in rounds),
                        "trained_pairs": sum(rec.trained_pairs for rec in rounds)},
             "final": final,
+            "train_guidance": train_guidance_note(self.recipe),
             "recipe": self.recipe.to_dict(),
         }
 
 
-def _loss_summary(losses: dict) -> dict:
-    """First and last loss of each stage (per-pair runs: averaged over pairs)."""
-    def ends(values):
-        return {"first": values[0], "last": values[-1], "steps": len(values)} if values else {}
+def train_guidance_note(recipe: Recipe) -> dict:
+    """The embedded guidance the LoRAs were trained at, and whether it is the model's authors'
+    setting or the recipe's own choice (generation uses [data] guidance either way)."""
+    from ..cards import card
 
+    d = card(recipe.run.model).defaults
+    value = recipe.train.guidance
+    if d.train_guidance is None:
+        choice = "the recipe's choice (no authors' setting is known for this model)"
+    elif value == d.train_guidance:
+        choice = f"the authors' setting: {d.train_guidance_source}"
+    else:
+        choice = f"the recipe's choice, not the authors' {d.train_guidance:g} ({d.train_guidance_source})"
+    return {"value": value, "choice": choice, "generation": recipe.data.guidance}
+
+
+LOSS_WINDOW = 0.1  # the share of a stage's steps averaged at each end
+
+
+def _ends(values: list[float]) -> dict:
+    """Mean loss of the first and of the last 10% of a stage's steps (at least one step each):
+    one step's loss under random timesteps is mostly the timestep's noise, not the fit."""
+    if not values:
+        return {}
+    n = max(1, round(len(values) * LOSS_WINDOW))
+    return {"first": sum(values[:n]) / n, "last": sum(values[-n:]) / n, "window": n, "steps": len(values)}
+
+
+def _loss_summary(losses: dict) -> dict:
+    """Per stage, the loss at the start and the end of training (`_ends`); per-pair runs:
+    averaged over pairs."""
     if "stage2" in losses:
-        return {k: ends(v) for k, v in losses.items()}
+        return {k: _ends(v) for k, v in losses.items()}
     out = {}
     for stage in ("stage1", "stage2"):
-        runs = [v[stage] for v in losses.values() if v.get(stage)]
+        runs = [_ends(v[stage]) for v in losses.values() if v.get(stage)]
         if runs:
-            out[stage] = {"first": sum(v[0] for v in runs) / len(runs), "last": sum(v[-1] for v in runs) / len(runs),
-                          "steps": len(runs[0]), "pairs": len(runs)}
+            out[stage] = {"first": sum(r["first"] for r in runs) / len(runs),
+                          "last": sum(r["last"] for r in runs) / len(runs),
+                          "window": runs[0]["window"], "steps": runs[0]["steps"], "pairs": len(runs)}
     return out
 
 

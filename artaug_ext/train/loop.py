@@ -249,6 +249,16 @@ def _agree_with_main_process(accelerator, cfg: TrainConfig, out_of_time: bool) -
     return bool(decision[1])
 
 
+def _tracker_run_name(accelerator, output_dir: str) -> str:
+    """The stage folder relative to the accelerator's logging folder (rounds/round-01/stage1),
+    so that every stage of every round is its own run in TensorBoard or wandb."""
+    base = getattr(accelerator, "logging_dir", None)
+    out = os.path.abspath(output_dir)
+    if base and os.path.commonpath([os.path.abspath(base), out]) == os.path.abspath(base) and out != os.path.abspath(base):
+        return os.path.relpath(out, base)
+    return os.path.basename(os.path.normpath(output_dir)) or "train"
+
+
 def _trim_loss_log(path: str, step: int) -> None:
     """On resume: drop lines written after the checkpoint (those steps run again)."""
     if os.path.exists(path):
@@ -345,7 +355,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     if main:
         _trim_loss_log(log_path, step)
     if hp.log_with and main:
-        accelerator.init_trackers(os.path.basename(os.path.normpath(cfg.output_dir)) or "train",
+        accelerator.init_trackers(_tracker_run_name(accelerator, cfg.output_dir),
                                   config={k: v for k, v in cfg.identity().items() if isinstance(v, (int, float, str))})
     order = EpochPermutation(dataset_size, hp.seed)
     result = TrainResult(step=step)
@@ -398,6 +408,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
         if hp.log_with and main:
             for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
                 tracker.finish()
+            accelerator.trackers = []  # the next stage logs into its own run, not also into this one
         accelerator.free_memory()
     result.step = step
     result.finished = step >= cfg.steps
