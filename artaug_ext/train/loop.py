@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "checkpoint-"
 DONE_FILE = "artaug_step.json"  # written last into a checkpoint: marks it complete
-CHECKPOINT_FORMAT = 3  # 3: the identity holds every training setting
+CHECKPOINT_FORMAT = 4  # 3: the identity holds every training setting; 4: and what the caller trains on (depends_on)
 
 
 @dataclass
@@ -52,11 +52,19 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop (with a checkpoint) after this long
     progress: bool = True
     resume: bool = True
+    # What the trained parameters depend on that the loop cannot see (a stage's images and the
+    # base it trains on top of), JSON values: part of the identity, so a checkpoint made on other
+    # data or another base is refused instead of resumed.
+    depends_on: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed (the step count included: it shapes the LR schedule)."""
-        return {"steps": self.steps, "weight_decay": self.weight_decay, "betas": list(self.betas),
-                "min_lr_ratio": self.min_lr_ratio, **self.settings.identity()}
+        own = {"steps": self.steps, "weight_decay": self.weight_decay, "betas": list(self.betas),
+               "min_lr_ratio": self.min_lr_ratio, **self.settings.identity()}
+        clash = sorted(set(own) & set(self.depends_on))
+        if clash:
+            raise UsageError(f"TrainConfig.depends_on key {clash[0]!r} is a training setting's name; name it otherwise")
+        return {**own, **self.depends_on}
 
 
 @dataclass
