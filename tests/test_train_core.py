@@ -344,3 +344,89 @@ def test_two_ranks_train_the_same_lora_as_one_with_the_same_global_batch(tmp_pat
         # weights' scale after 3 steps at lr 1e-2); a different sample or noise would differ by ~100%.
         err = float((one[k] - two[k]).abs().max())
         assert err <= 1e-3 * float(one[k].abs().max()), (k, err)
+
+
+def _rank_counts_what_the_wrap_broadcasts(rank, world, port, out_dir):
+    """Trains the same LoRA twice on one accelerator: with DDP's wrap syncing every parameter
+    (torch's default, the old behaviour) and with ours; records the bytes of each broadcast."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from artaug_ext.errors import UsageError
+    from artaug_ext.train.loop import make_accelerator
+
+    sent = []
+    real_broadcast = dist._broadcast_coalesced
+
+    def counting(group, tensors, *args, **kwargs):
+        sent.append(sum(t.numel() * t.element_size() for t in tensors))
+        return real_broadcast(group, tensors, *args, **kwargs)
+
+    dist._broadcast_coalesced = counting
+    ddp = torch.nn.parallel.DistributedDataParallel
+    real_ignore = ddp.__dict__["_set_params_and_buffers_to_ignore_for_model"]
+    objective = FlowMatchObjective()
+    data = _data()
+    loss = lambda m, b, rng: objective(m, b["latents"], b["prompt_emb"], b["pooled_prompt_emb"], rng)  # noqa: E731
+    accelerator = None
+    results = {}
+    for name in ("every parameter", "ours"):
+        ddp._set_params_and_buffers_to_ignore_for_model = real_ignore if name == "ours" else staticmethod(lambda m, n: None)
+        model = _denoiser()
+        inject_lora(model.dit, rank=2, init_seed=5 + rank)  # rank 1 starts elsewhere: the wrap must sync the LoRA
+        cfg = TrainConfig(os.path.join(out_dir, name), steps=2, progress=False,
+                          settings=TrainSettings(batch_size=2, lr=1e-2, checkpoint_every=0))
+        accelerator = accelerator or make_accelerator(cfg, cpu=True)
+        sent.clear()
+        train(model, loss, lambda idx: {k: v[idx] for k, v in data.items()}, len(data["latents"]), cfg,
+              accelerator=accelerator)
+        results[name] = {"sent": list(sent), "lora": lora_state_dict(model),
+                         "trainable": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                         "frozen": sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)}
+    model = _denoiser()
+    inject_lora(model.dit, rank=2, init_seed=5)
+    if rank == 1:  # a rank on another base: the wrap no longer hides it under rank 0's copy
+        with torch.no_grad():
+            model.dit.single_blocks[0].proj_out.weight[3, 7] += 1e-6
+    try:
+        train(model, loss, lambda idx: {k: v[idx] for k, v in data.items()}, len(data["latents"]),
+              TrainConfig(os.path.join(out_dir, "other base"), steps=2, progress=False), accelerator=accelerator)
+    except UsageError as e:
+        results["other base"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    accelerator.wait_for_everyone()
+
+
+def test_the_ddp_wrap_broadcasts_the_trainable_parameters_only(tmp_path):
+    """gloo on CPU, 2 ranks: DDP's wrap (once per stage, per pair in per-pair mode) sends the
+    LoRA and not the frozen base, and the LoRA trained is bitwise the one of a wrap that sends
+    everything (rank 1's LoRA starts elsewhere and is synced from rank 0 all the same); a rank
+    whose frozen base differs from rank 0's is refused, by name, on both ranks."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_counts_what_the_wrap_broadcasts, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in ranks:
+        everything, ours = res["every parameter"], res["ours"]
+        assert ours["trainable"] > 0 and ours["frozen"] > 10 * ours["trainable"]
+        assert everything["sent"] == [everything["frozen"] + everything["trainable"]]  # torch's wrap: the base too
+        assert ours["sent"] == [ours["trainable"]]  # ours: the LoRA alone, nothing after
+        for k, v in everything["lora"].items():
+            assert torch.equal(ours["lora"][k], v), k
+    for k, v in ranks[0]["ours"]["lora"].items():
+        assert torch.equal(ranks[1]["ours"]["lora"][k], v), k
+    for res in ranks:  # both ranks refuse (neither waits alone in a collective)
+        assert res["other base"] == ("rank 1's frozen dit.single_blocks.0.proj_out.base_layer.weight differs from rank 0's "
+                                     "(1 of 52 tensors): every rank must load the same model files and merge the same LoRAs")

@@ -185,8 +185,10 @@ class RecipeRun:
         self._barrier()
         cache = load_cache(cache_dir, [p.id for p in pairs])
         logger.info("round %d: training the %s differential LoRA", round_number, self.recipe.train.mode)
+        from ..files import sha256_file
+
         lora = train_round_lora(self.pipe.dit, cache, self.recipe.train, folder, accelerator=self.accelerator,
-                                progress=self.progress)
+                                progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
         record.lora = os.path.relpath(lora.path, self.out_dir)
         record.train = _loss_summary(lora.info.get("losses", {}))
         record.energy_min = lora.info.get("energy_min")

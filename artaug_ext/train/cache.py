@@ -9,6 +9,7 @@ what the latents depend on, and a cache built with other settings is refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -51,6 +52,21 @@ class LatentCache:
         ix = torch.tensor(indices, dtype=torch.long)
         return LatentCache([self.ids[i] for i in indices], self.original[ix], self.enhanced[ix], self.prompt_emb[ix],
                            self.pooled_prompt_emb[ix])
+
+    def pair_sha256s(self) -> dict[str, str]:
+        """Per pair, the sha256 of its tensors (field, dtype, shape and bytes): what a stage
+        trained on the pair depends on, so a cache rebuilt from other images is told apart from
+        the one a stage folder was trained on (a read of the cache: seconds on FLUX.1-dev's)."""
+        out = {}
+        for i, pair_id in enumerate(self.ids):
+            h = hashlib.sha256()
+            for f in FIELDS:
+                t = getattr(self, f)[i].detach().cpu().contiguous()
+                h.update(f"{f}:{t.dtype}:{list(t.shape)}\0".encode())
+                if t.numel():
+                    h.update(t.reshape(-1).view(torch.uint8).numpy())
+            out[pair_id] = h.hexdigest()
+        return out
 
     def batch(self, image_side: str, indices: list[int]) -> dict[str, torch.Tensor]:
         """A training batch of the `image_side` images ("original" or "enhanced") with their prompts."""

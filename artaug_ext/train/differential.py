@@ -12,8 +12,10 @@ not the content both share. Modes:
   energy reported;
 - `sft`: the ablation, one LoRA trained on the enhanced images only.
 
-Every stage writes into its own folder (checkpoints, loss.jsonl, and lora.safetensors last),
-so a run killed anywhere resumes at the stage and step where it stopped.
+Every stage writes into its own folder (stage.json first: everything the stage's LoRA
+depends on; then checkpoints, loss.jsonl, and lora.safetensors last), so a run killed anywhere
+resumes at the stage and step where it stopped, and a folder trained with anything else
+(settings, steps, images, base) is refused before any training, never reused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import UsageError
-from ..files import atomic_write_json, check_safetensors
+from ..files import atomic_write_json, check_safetensors, first_difference, read_json, sha256_file
 from .cache import LatentCache
 from .flow import FlowMatchObjective, FluxDenoiser
 from .loop import TrainConfig, train
@@ -53,6 +55,11 @@ def _losses(folder: str) -> list[float]:
     return [r["loss"] for r in read_loss_log(folder)]
 
 
+STAGE_RECORD = "stage.json"  # written before a stage trains: everything its LoRA depends on
+STAGE_FORMAT = 1
+LORA_1 = "lora_1"  # stage 2's identity key for the LoRA_1 merged under it
+
+
 def _stage_done(folder: str) -> bool:
     path = os.path.join(folder, LORA_FILE)
     if not os.path.isfile(path):
@@ -61,13 +68,65 @@ def _stage_done(folder: str) -> bool:
     return True
 
 
+def stage_config(cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str, seed: int, steps: int,
+                 base_loras=(), lora_1: str | None = None, latents_sha256: dict | None = None,
+                 progress: bool = True) -> TrainConfig:
+    """The loop's config of one stage. Its identity (the stage record and every checkpoint)
+    holds everything the stage's LoRA depends on: every training setting, the step count, the
+    images (side, pair ids in order, each pair's cached tensors' sha256) and the base it trains
+    on top of (the sha256s of the LoRAs merged into the DiT; `lora_1`: stage 2's LoRA_1)."""
+    latents = latents_sha256 if latents_sha256 is not None else cache.pair_sha256s()
+    depends_on = {"image_side": image_side, "pairs": list(cache.ids),
+                  "pairs_sha256": {pair_id: latents[pair_id] for pair_id in cache.ids},
+                  "base_loras": list(base_loras), LORA_1: lora_1}
+    return TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
+                       progress=progress, depends_on=depends_on)
+
+
+def _stage_record(cfg: TrainConfig) -> dict:
+    return {"format": STAGE_FORMAT, **cfg.identity()}
+
+
+def _refusal(folder: str, diff: str) -> UsageError:
+    return UsageError(f"{folder} holds a stage trained with other settings ({diff}); delete the folder to train it "
+                      "again with these (nothing was changed)")
+
+
+def _check_stage_folder(folder: str, record: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a stage folder whose record differs from `record` (keys in `ignore` aside), or
+    that holds files but no record (made before stage records: what it was trained with is
+    unknown). Nothing is written or removed."""
+    path = os.path.join(folder, STAGE_RECORD)
+    if not os.path.exists(path):
+        # another rank may be writing the record right now: its temporary file is no content
+        content = [n for n in os.listdir(folder) if not n.startswith(STAGE_RECORD)] if os.path.isdir(folder) else []
+        if content:
+            raise UsageError(f"{folder} holds a stage without a {STAGE_RECORD} (from an older artaug-ext), so what it "
+                             "was trained with is unknown; delete the folder to train it again (nothing was changed)")
+        return
+    recorded = read_json(path, "stage record", f"delete {folder} to train the stage again")
+    mine = {k: v for k, v in record.items() if k not in ignore}
+    diff = first_difference({k: v for k, v in recorded.items() if k not in ignore}, mine)
+    if diff:
+        raise _refusal(folder, diff)
+
+
 def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str,
-                seed: int, steps: int, accelerator=None, progress: bool = True) -> dict[str, torch.Tensor]:
+                seed: int, steps: int, accelerator=None, progress: bool = True, *, base_loras=(),
+                lora_1: str | None = None, latents_sha256: dict | None = None) -> dict[str, torch.Tensor]:
     """Train one LoRA on the `image_side` images of `cache` on top of the DiT as it is; returns it
-    (training format). A stage whose lora.safetensors exists is not trained again. The
-    adapters are removed again before returning, so the DiT's module tree is unchanged."""
+    (training format). `base_loras`: the sha256s of the LoRAs merged into the DiT, in order
+    (`lora_1`: LoRA_1's, under stage 2). The stage's record is written before it trains; a
+    stage folder recorded with anything else is refused, never reused, and one whose
+    lora.safetensors exists with the same record is not trained again. The adapters are
+    removed again before returning, so the DiT's module tree is unchanged."""
     from safetensors.torch import load_file
 
+    cfg = stage_config(cache, image_side, settings, folder, seed, steps, base_loras, lora_1, latents_sha256, progress)
+    record = _stage_record(cfg)
+    _check_stage_folder(folder, record)
+    if not os.path.exists(os.path.join(folder, STAGE_RECORD)):
+        atomic_write_json(os.path.join(folder, STAGE_RECORD), record, shared=True)  # every rank may write it
     if _stage_done(folder):
         return load_file(os.path.join(folder, LORA_FILE))
     inject_lora(dit, settings.rank, settings.alpha, settings.target_modules, init_seed=seed)
@@ -83,8 +142,6 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
         def get_batch(indices):
             return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
 
-        cfg = TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
-                          progress=progress)
         result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator)
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
@@ -99,46 +156,98 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
     return state
 
 
-def _differential(dit, cache, settings, folder, seed, accelerator, progress) -> tuple[dict, dict]:
-    """LoRA_1 on the originals, merged; LoRA_2 on the enhanced on top; LoRA_1 unmerged exactly."""
+@dataclass
+class _Stage:
+    """One stage a round will train: its folder, images, seed and steps, and its pairs."""
+
+    folder: str
+    image_side: str
+    seed: int
+    steps: int
+    cache: LatentCache
+    lora_1_of: str | None = None  # stage 2 of a differential mode: the stage 1 folder whose LoRA_1 is under it
+
+
+def _differential_stages(cache: LatentCache, settings: LoRATrainSettings, folder: str, seed: int) -> list[_Stage]:
+    stage1 = os.path.join(folder, "stage1")
+    return [_Stage(stage1, "original", seed, settings.steps_stage1, cache),
+            _Stage(os.path.join(folder, "stage2"), "enhanced", seed + 1, settings.steps_stage2, cache, stage1)]
+
+
+def _round_stages(cache: LatentCache, settings: LoRATrainSettings, folder: str) -> list[list[_Stage]]:
+    """The round's stages, grouped as they train together (one group per pair in per-pair mode)."""
+    if settings.mode == "sft":
+        return [[_Stage(os.path.join(folder, "stage2"), "enhanced", settings.seed, settings.steps_stage2, cache)]]
+    if settings.mode == "batched":
+        return [_differential_stages(cache, settings, folder, settings.seed)]
+    return [_differential_stages(cache.subset([i]), settings, os.path.join(folder, f"pair-{pair_id}"),
+                                 settings.seed + 1000 * (i + 1)) for i, pair_id in enumerate(cache.ids)]
+
+
+def _check_round_folders(stages: list[_Stage], settings: LoRATrainSettings, base_loras, latents: dict) -> None:
+    """Every stage folder of the round against what it would be trained with, before any
+    training: a stale folder is refused here, naming the setting and the folder. Stage 2's
+    LoRA_1 is known only once stage 1 is done; a stage 2 that holds anything while its stage 1
+    has no LoRA was trained on a LoRA_1 that is gone."""
+    for st in stages:
+        cfg = stage_config(st.cache, st.image_side, settings, st.folder, st.seed, st.steps, base_loras, None, latents,
+                           progress=False)
+        _check_stage_folder(st.folder, _stage_record(cfg), ignore=(LORA_1,) if st.lora_1_of else ())
+        if st.lora_1_of and os.path.isdir(st.folder) and os.listdir(st.folder) and not _stage_done(st.lora_1_of):
+            raise UsageError(f"{st.folder} was trained on a LoRA_1 that {st.lora_1_of} no longer holds; delete "
+                             f"{st.folder} to train it again (nothing was changed)")
+
+
+def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, accelerator, progress) -> tuple[dict, dict]:
+    """Train a group of stages: one alone (sft), or LoRA_1 on the originals, merged, LoRA_2 on
+    the enhanced on top, LoRA_1 unmerged exactly. Returns the last stage's LoRA and the losses."""
     from ..lora import load_lora, unload_lora
 
-    lora1 = train_stage(dit, cache, "original", settings, os.path.join(folder, "stage1"), seed, settings.steps_stage1,
-                        accelerator, progress)
+    losses = {}
+    if len(stages) == 1:
+        st = stages[0]
+        state = train_stage(dit, st.cache, st.image_side, settings, st.folder, st.seed, st.steps, accelerator, progress,
+                            base_loras=base_loras, latents_sha256=latents)
+        return state, {os.path.basename(st.folder): _losses(st.folder)}
+    first, second = stages
+    lora1 = train_stage(dit, first.cache, first.image_side, settings, first.folder, first.seed, first.steps,
+                        accelerator, progress, base_loras=base_loras, latents_sha256=latents)
+    lora1_sha = sha256_file(os.path.join(first.folder, LORA_FILE))
     report = load_lora(dit, lora1)  # our exact merge: fp32 accumulation, one rounding, a host backup
     try:
-        lora2 = train_stage(dit, cache, "enhanced", settings, os.path.join(folder, "stage2"), seed + 1,
-                            settings.steps_stage2, accelerator, progress)
+        lora2 = train_stage(dit, second.cache, second.image_side, settings, second.folder, second.seed, second.steps,
+                            accelerator, progress, base_loras=base_loras, lora_1=lora1_sha, latents_sha256=latents)
     finally:
         unload_lora(dit, report.handle)  # bit-exact restore of the base
-    return lora2, {stage: _losses(os.path.join(folder, stage)) for stage in ("stage1", "stage2")}
+    for st in stages:
+        losses[os.path.basename(st.folder)] = _losses(st.folder)
+    return lora2, losses
 
 
 def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATrainSettings, folder: str,
-                     accelerator=None, progress: bool = True) -> RoundLoRA:
-    """The round's LoRA in `settings.mode`, written to `{folder}/lora.safetensors`."""
+                     accelerator=None, progress: bool = True, base_loras=()) -> RoundLoRA:
+    """The round's LoRA in `settings.mode`, written to `{folder}/lora.safetensors`.
+    `base_loras`: the sha256s of the LoRAs merged into `dit` (the running base's round LoRAs),
+    part of every stage's identity. Every stage folder already there is checked first."""
     from ..lora import combine_loras
 
     settings.validate()
     if len(cache) == 0:
         raise UsageError("no kept pairs to train on")
+    base_loras = list(base_loras)
+    latents = cache.pair_sha256s()
+    groups = _round_stages(cache, settings, folder)
+    _check_round_folders([st for group in groups for st in group], settings, base_loras, latents)
     out = os.path.join(folder, LORA_FILE)
-    info: dict = {"mode": settings.mode, "pairs": len(cache), "settings": asdict(settings)}
+    info: dict = {"mode": settings.mode, "pairs": len(cache), "settings": asdict(settings), "base_loras": base_loras}
     main = accelerator is None or accelerator.is_main_process
-    if settings.mode == "sft":
-        state = train_stage(dit, cache, "enhanced", settings, os.path.join(folder, "stage2"), settings.seed,
-                            settings.steps_stage2, accelerator, progress)
-        info["losses"] = {"stage2": _losses(os.path.join(folder, "stage2"))}
-    elif settings.mode == "batched":
-        state, info["losses"] = _differential(dit, cache, settings, folder, settings.seed, accelerator, progress)
+    if settings.mode != "per-pair":
+        state, info["losses"] = _train_stages(dit, groups[0], settings, base_loras, latents, accelerator, progress)
     else:
         per_pair, losses = [], {}
-        for i, pair_id in enumerate(cache.ids):
-            sub = os.path.join(folder, f"pair-{pair_id}")
-            lora2, pair_losses = _differential(dit, cache.subset([i]), settings, sub, settings.seed + 1000 * (i + 1),
-                                               accelerator, progress)
+        for pair_id, group in zip(cache.ids, groups, strict=True):
+            lora2, losses[pair_id] = _train_stages(dit, group, settings, base_loras, latents, accelerator, progress)
             per_pair.append(lora2)
-            losses[pair_id] = pair_losses
         target = settings.per_pair_rank or settings.rank
         layers, combined = combine_loras(per_pair, average=True, rank=target)
         state = layers_to_training_state(layers)

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "checkpoint-"
 DONE_FILE = "artaug_step.json"  # written last into a checkpoint: marks it complete
-CHECKPOINT_FORMAT = 3  # 3: the identity holds every training setting
+CHECKPOINT_FORMAT = 4  # 3: the identity holds every training setting; 4: and what the caller trains on (depends_on)
 
 
 @dataclass
@@ -52,11 +52,19 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop (with a checkpoint) after this long
     progress: bool = True
     resume: bool = True
+    # What the trained parameters depend on that the loop cannot see (a stage's images and the
+    # base it trains on top of), JSON values: part of the identity, so a checkpoint made on other
+    # data or another base is refused instead of resumed.
+    depends_on: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed (the step count included: it shapes the LR schedule)."""
-        return {"steps": self.steps, "weight_decay": self.weight_decay, "betas": list(self.betas),
-                "min_lr_ratio": self.min_lr_ratio, **self.settings.identity()}
+        own = {"steps": self.steps, "weight_decay": self.weight_decay, "betas": list(self.betas),
+               "min_lr_ratio": self.min_lr_ratio, **self.settings.identity()}
+        clash = sorted(set(own) & set(self.depends_on))
+        if clash:
+            raise UsageError(f"TrainConfig.depends_on key {clash[0]!r} is a training setting's name; name it otherwise")
+        return {**own, **self.depends_on}
 
 
 @dataclass
@@ -280,6 +288,50 @@ def _adamw(params, cfg: TrainConfig):
         return torch.optim.AdamW(params, lr=cfg.settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def broadcast_trainable_only(model: torch.nn.Module) -> list[str]:
+    """Have DDP leave the frozen parameters out of its synchronisation; returns their names.
+
+    DDP's constructor broadcasts every parameter from rank 0 at each wrap: with a LoRA on
+    FLUX.1-dev that is the frozen 24 GB base, once per stage (and per pair in per-pair mode),
+    to ranks that already hold it (every rank loads the same files and merges the same LoRAs
+    with the same exact merge). Only what trains needs the same start on every rank; the
+    gradients DDP all-reduces are those of the trainable parameters whatever is ignored.
+    Buffers are still synced (FLUX's DiT has none)."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return frozen
+
+
+def bit_sums(tensors) -> torch.Tensor:
+    """Per tensor, the exact int64 sum of its bits read as int32 words (bytes where the size is
+    not a multiple of 4): the same tensors give the same sums on any device, in any order."""
+    sums = []
+    for t in tensors:
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        words = raw.view(torch.int32) if raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0 else raw
+        sums.append(words.sum(dtype=torch.int64))
+    return torch.stack(sums)
+
+
+def check_frozen_agree(model: torch.nn.Module, accelerator) -> None:
+    """Refuse to train when a rank's frozen parameters differ from rank 0's. The wrap no longer
+    copies rank 0's base over the others' (`broadcast_trainable_only`), so a rank that loaded
+    other files or merged other LoRAs would otherwise train on another model, silently. Costs a
+    read of the base on its device and a gather of one int64 per tensor, not a 24 GB broadcast."""
+    names = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if not names:
+        return
+    params = dict(model.named_parameters())
+    mine = bit_sums(params[n] for n in names).to(accelerator.device)
+    every = accelerator.gather(mine).reshape(accelerator.num_processes, len(names))
+    for rank in range(1, accelerator.num_processes):
+        differ = torch.nonzero(every[rank] != every[0]).flatten()
+        if len(differ):
+            raise UsageError(f"rank {rank}'s frozen {names[int(differ[0])]} differs from rank 0's ({len(differ)} of "
+                             f"{len(names)} tensors): every rank must load the same model files and merge the same "
+                             "LoRAs")
+
+
 def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
     """Optimizer and schedule over the trainable parameters, prepared by accelerate, and the
     step to start from (the newest checkpoint's, when its settings match)."""
@@ -288,6 +340,9 @@ def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
         raise UsageError("train: the model has no trainable parameters")
     optimizer = _adamw(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if accelerator.num_processes > 1:
+        check_frozen_agree(model, accelerator)
+        broadcast_trainable_only(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None

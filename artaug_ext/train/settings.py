@@ -106,6 +106,14 @@ class LoRATrainSettings(TrainSettings):
     per_pair_rank: int | None = None  # per-pair: rank of the averaged LoRA (None: `rank`; >= pairs x rank: exact)
 
     RUNTIME = (*TrainSettings.RUNTIME, "gradient_checkpointing")  # the same gradients, less memory
+    # Fields that shape the round, not one stage: the mode and the step counts choose which stages
+    # run (a stage's own step count is its TrainConfig.steps, and LoRA_1 is in stage 2's base),
+    # per_pair_rank only how the LoRA_2s are combined after training.
+    ROUND = ("mode", "steps_stage1", "steps_stage2", "per_pair_rank")
+
+    def identity(self) -> dict:
+        """What a stage trained with these settings must agree on to be reused or resumed."""
+        return {k: v for k, v in super().identity().items() if k not in self.ROUND}
 
     def validate(self) -> None:
         if self.mode not in MODES:
