@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .flux_shapes import FLUX_DEV, FluxShapes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelCard:
     tiny_spec: str | None = None  # embedded model: name in artaug_ext.tiny.spec.SPECS
     lora_for: str | None = None  # a LoRA card: the variant name `load_artaug` knows it by
     timing: Timing | None = None
+    shapes: FluxShapes | None = None  # per-layer shapes the --dry-run memory plan counts
 
     @property
     def is_tiny(self) -> bool:
@@ -80,6 +82,7 @@ CARDS: dict[str, ModelCard] = {c.name: c for c in [
         # The ArtAug authors' settings: 30 steps, embedded guidance 3.5, 1024x1024, T5 length 512.
         defaults=Defaults(steps=30, size=1024, t5_sequence_length=512),
         companion_lora="artaug",
+        shapes=FLUX_DEV,
         timing=Timing(
             device="one H100 SXM (bf16)", image_seconds=7.0, train_step_seconds=0.8,
             source="image: 6.4-6.7 s for 28 steps at 1024x1024 (eager DiffSynth/diffusers on an H100 SXM, public "
