@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .flux_shapes import FLUX_DEV, FluxShapes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ModelCard:
     tiny_spec: str | None = None  # embedded model: name in artaug_ext.tiny.spec.SPECS
     lora_for: str | None = None  # a LoRA card: the variant name `load_artaug` knows it by
     timing: Timing | None = None
+    shapes: FluxShapes | None = None  # per-layer shapes the --dry-run memory plan counts
 
     @property
     def is_tiny(self) -> bool:
@@ -88,6 +90,7 @@ CARDS: dict[str, ModelCard] = {c.name: c for c in [
                                                 "which the ArtAug authors train with, fixes embedded_guidance = 1 "
                                                 "and says not to change it"),
         companion_lora="artaug",
+        shapes=FLUX_DEV,
         timing=Timing(
             device="one H100 SXM (bf16)", image_seconds=7.0, train_step_seconds=0.8,
             source="image: 6.4-6.7 s for 28 steps at 1024x1024 (eager DiffSynth/diffusers on an H100 SXM, public "

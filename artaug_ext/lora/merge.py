@@ -5,7 +5,10 @@ Before a layer is touched its weight is copied to the host, so `unload_lora` res
 bit for bit, and a merge that produces NaN or Inf is rolled back and named. The undo record
 (a `LoRAHandle`) is owned by the call's result and also by every module it touched, so it
 works whatever object is later passed to `unload_lora` (the pipeline or its DiT), and a load
-that fails or is interrupted half-way leaves the weights as they were. Layers wrapped by
+that fails or is interrupted half-way leaves the weights as they were. `undo=False` keeps no
+host copy (a merge meant to stay, such as a run's running base: at FLUX.1-dev scale the copy
+is about 24 GB): the merge is checked on scratch copies of a few rows at a time before any
+weight is written, and `unload_lora` reads those weights back from the model files. Layers wrapped by
 DiffSynth's VRAM management (FP8 storage included) cannot absorb a merge: they get the LoRA
 through DiffSynth's hot-loading lists instead (with a warning).
 """
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 _MERGEABLE = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = itertools.count(1)
 _BATCH = 32  # layers per grouped call on CPU (progress bar granularity)
+_SCRATCH_ELEMS = 1 << 22  # elements of the scratch rows a merge without an undo is checked on
 # Attribute of a module holding the handles of the LoRAs merged or hot-loaded into it, oldest first.
 _STACK_ATTR = "_artaug_lora_handles"
 
@@ -54,6 +58,10 @@ class LoRAHandle:
     backups: list = field(default_factory=list)  # (module, host tensor)
     hot: list = field(default_factory=list)  # (module, lora_A, lora_B)
     active: bool = True
+    # False: merged with load_lora(..., undo=False): no backups; the touched modules, by
+    # (component, module name), are read back from the model files instead.
+    undoable: bool = True
+    reload: list = field(default_factory=list)  # (component, module name, module)
 
     @property
     def restore_bytes(self) -> int:
@@ -61,7 +69,7 @@ class LoRAHandle:
 
     def modules(self) -> list[torch.nn.Module]:
         seen = {}
-        for m, *_ in self.backups + self.hot:
+        for m, *_ in self.backups + self.hot + [(m,) for _, _, m in self.reload]:
             seen.setdefault(id(m), m)
         return list(seen.values())
 
@@ -191,12 +199,14 @@ def _map_pieces(parsed, comps: dict, named: dict) -> tuple[dict, dict, list[str]
     return merge_groups, hot_groups, skipped, unmapped
 
 
-def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAReport:
+def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bool = True) -> LoRAReport:
     """Merge a LoRA into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
 
     `lora`: a path (.safetensors, .pt, PEFT folder), a state dict, or a hub id. Keys that map
     to no module raise (strict=False: a warning with the count); a LoRA that maps to nothing
     always raises. Returns a report whose handle `unload_lora` uses to undo the merge.
+    `undo=False`: no host copy of the touched weights; undoing it reloads them from the model
+    files (`unload_lora(..., model_files=...)`).
     """
     t0 = time.perf_counter()
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -216,15 +226,16 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True) -> LoRAR
         raise LoRAFormatError(f"the LoRA {name!r} matches no layer of the target "
                               f"({len(state_dict)} keys; formats seen: {sorted(parsed.formats) or 'none'})")
 
-    handle = LoRAHandle(id=next(_IDS), name=name)
+    handle = LoRAHandle(id=next(_IDS), name=name, undoable=undo)
     try:
-        merged = _merge(named, _row_groups(named, merge_groups, alpha), handle)
+        groups = _row_groups(named, merge_groups, alpha)
+        merged = _merge(named, groups, handle) if undo else _merge_for_good(named, groups, handle)
         hotloaded = _hotload(named, hot_groups, alpha, handle)
         for module in handle.modules():
             module.__dict__.setdefault(_STACK_ATTR, []).append(handle)
     except BaseException:
         # Anything after the first write (a failed hot-load, KeyboardInterrupt): undo it all.
-        _restore(handle)
+        _restore(handle, getattr(target, "artaug_model_paths", None))
         raise
     report = LoRAReport(merged=merged, hotloaded=hotloaded, skipped=skipped, unmapped=unmapped,
                         seconds=time.perf_counter() - t0, handle=handle, restore_bytes=handle.restore_bytes,
@@ -286,6 +297,47 @@ def _merge(named, groups, handle) -> list[str]:
     return sorted({f"{comp}:{mod}" for comp, mod, _, _ in groups})
 
 
+def _merge_for_good(named, groups, handle) -> list[str]:
+    """A merge without a backup: every layer is first merged into a scratch copy of itself
+    (a few rows at a time, so the extra memory is a few MiB on the weight's device); only when all came out
+    finite are the weights merged in place (the same kernel on the same inputs)."""
+    if not groups:
+        return []
+    items = list(groups.items())
+    names = [f"{comp}:{mod}" for (comp, mod, _, _), _ in items]
+    with torch.no_grad():
+        bad = []
+        for j, ((comp, mod, lo, hi), pieces) in enumerate(tqdm(items, desc="checking LoRA merge", unit="layer",
+                                                                disable=len(items) <= 4 * _BATCH)):
+            w = named[comp][mod].weight.data
+            rows = max(1, _SCRATCH_ELEMS // max(w.shape[1], 1))  # each row's result depends on its own B row only
+            try:
+                for r0 in range(lo, hi, rows):
+                    r1 = min(hi, r0 + rows)
+                    lora_merge_grouped_([w[r0:r1].clone()], [[(_factor(a, w.device), _factor(b[r0 - lo:r1 - lo], w.device),
+                                                               s) for a, b, s in pieces]])
+            except LoRAMergeOverflowError:
+                bad.append(names[j])
+        if bad:
+            bad = sorted(set(bad))
+            raise LoRAMergeError(bad, f"merging the LoRA {handle.name} would give NaN or Inf in {len(bad)} layer(s): "
+                                      f"{_summarise(bad)}; nothing was merged. Fix: lower the LoRA's alpha, or check "
+                                      "the file (its factors are too large for this dtype)")
+        seen = set()
+        for (comp, mod, _, _) in groups:
+            if (comp, mod) not in seen:
+                seen.add((comp, mod))
+                handle.reload.append((comp, mod, named[comp][mod]))
+        for i in range(0, len(items), _BATCH):
+            weights, factors = [], []
+            for (comp, mod, lo, hi), pieces in items[i:i + _BATCH]:
+                w = named[comp][mod].weight.data
+                weights.append(w[lo:hi])
+                factors.append([(_factor(a, w.device), _factor(b, w.device), s) for a, b, s in pieces])
+            lora_merge_grouped_(weights, factors)
+    return sorted({f"{comp}:{mod}" for comp, mod, _, _ in groups})
+
+
 def _factor(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=t.dtype if t.dtype in _MERGEABLE else torch.float32)
 
@@ -309,11 +361,14 @@ def _hotload(named, groups, alpha, handle) -> list[str]:
     return done
 
 
-def _restore(handle: LoRAHandle) -> None:
-    """Put back every weight and hot-load list the handle touched (idempotent)."""
+def _restore(handle: LoRAHandle, model_files: dict | None = None) -> None:
+    """Put back every weight and hot-load list the handle touched (idempotent): from the host
+    copies, or, for a merge without an undo, from the model files."""
     with torch.no_grad():
         for module, saved in handle.backups:
             module.weight.data.copy_(saved)
+        if handle.reload and handle.active:
+            _reload_weights(handle, model_files)
     for module, a, b in handle.hot:
         module.lora_A_weights[:] = [t for t in module.lora_A_weights if t is not a]
         module.lora_B_weights[:] = [t for t in module.lora_B_weights if t is not b]
@@ -322,6 +377,41 @@ def _restore(handle: LoRAHandle) -> None:
         if handle in stack:
             stack.remove(handle)
     handle.active = False
+
+
+# The pipeline's files of each component (load_pipeline's `artaug_model_paths` roles).
+_FILE_ROLES = {"dit": "dit", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+def _reload_weights(handle: LoRAHandle, model_files: dict | None) -> None:
+    """The weights a merge without an undo touched, read again from the model files through
+    DiffSynth's own lazy loader (`DiskMap` with the file's state-dict converter, in the
+    weight's dtype and on its device: what loading the model put there), one tensor at a time."""
+    from diffsynth.configs import MODEL_CONFIGS
+    from diffsynth.core.loader import hash_model_file
+    from diffsynth.core.vram.disk_map import DiskMap
+    from diffsynth.models.model_loader import ModelPool
+
+    by_comp: dict[str, list] = {}
+    for comp, mod, module in handle.reload:
+        by_comp.setdefault(comp, []).append((mod, module))
+    for comp, mods in by_comp.items():
+        path = (model_files or {}).get(_FILE_ROLES[comp])
+        if not path:
+            raise ValueError(f"the LoRA {handle.name} was merged into the {_COMPONENT_NAMES[comp]} without an undo "
+                             "(load_lora(..., undo=False)): pass the pipeline that load_pipeline returned, or "
+                             f"model_files={{{_FILE_ROLES[comp]!r}: path}}, so its weights are read from the file")
+        configs = [c for c in MODEL_CONFIGS if c["model_hash"] == hash_model_file(path)]
+        converter = next((c.get("state_dict_converter") for c in configs), None)
+        converter = ModelPool().import_model_class(converter) if converter else None
+        weight = mods[0][1].weight
+        state = DiskMap(path, str(weight.device), torch_dtype=weight.dtype, state_dict_converter=converter)
+        for mod, module in mods:
+            key = f"{mod}.weight"
+            if key not in state:
+                raise ValueError(f"{path} has no tensor {key}: it is not the file the {_COMPONENT_NAMES[comp]} was "
+                                 "loaded from; pass that file in model_files")
+            module.weight.data.copy_(state[key])
 
 
 def loaded_loras(target) -> list[LoRAHandle]:
@@ -334,17 +424,20 @@ def loaded_loras(target) -> list[LoRAHandle]:
     return [found[i] for i in sorted(found)]
 
 
-def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None) -> int:
+def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None, *, model_files: dict | None = None) -> int:
     """Undo `load_lora` bit-exactly. Without a handle, every LoRA loaded into `target` is
     undone (last first); with one, it must be the newest LoRA on every layer it touched
-    (LIFO), and `target` may be the pipeline or the module it was loaded through. Returns
-    how many loads were undone."""
+    (LIFO), and `target` may be the pipeline or the module it was loaded through. A merge
+    made with `undo=False` is undone by reading its weights from `model_files` (role ->
+    path, as `load_pipeline`'s `pipe.artaug_model_paths`, the default when `target` is such
+    a pipeline). Returns how many loads were undone."""
     if isinstance(handle, LoRAReport):
         handle = handle.handle
+    model_files = model_files if model_files is not None else getattr(target, "artaug_model_paths", None)
     if handle is None:
         handles = loaded_loras(target)
         for h in reversed(handles):
-            _restore(h)
+            _restore(h, model_files)
         return len(handles)
     if not handle.active:
         raise ValueError(f"LoRA handle {handle.id} ({handle.name}) was already unloaded")
@@ -357,7 +450,7 @@ def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None) -> int:
         names = [later[i] for i in sorted(later)]
         raise ValueError(f"unload in LIFO order: {len(names)} LoRA(s) were loaded on the same layers after this one "
                          f"({_summarise(names, 4)})")
-    _restore(handle)
+    _restore(handle, model_files)
     return 1
 
 

@@ -53,6 +53,32 @@ def _presence(recipe: Recipe, model_dir: str | None) -> list[str]:
     return lines
 
 
+def pairs_estimate(recipe: Recipe, items: int) -> int:
+    """Kept pairs a round: filter.max_pairs, else the authors' keep rate of the items."""
+    return recipe.filter.max_pairs or max(1, round(items * ASSUMED_KEEP_RATE * recipe.filter.keep_fraction))
+
+
+def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
+    """Per-process host and GPU memory of the recipe's last round, from the card's shape table."""
+    from .memory import GB, GPU_DTYPE_BYTES, memory_plan
+
+    if c.shapes is None:
+        return ["memory: no per-layer shape table for this model (cards.py, `shapes`)"]
+    t = recipe.train
+    side = size if isinstance(size, int) else max(size)
+    m = memory_plan(c.shapes, targets=t.target_modules, rank=t.rank, dtype_bytes=GPU_DTYPE_BYTES, device="cuda",
+                    train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
+                    batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus)
+    p = m.parts
+    return [f"memory (counted from {c.name}'s per-layer shapes in bf16 on CUDA; beyond the runtime):",
+            f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
+            f"training (the pinned copy of the {p['LoRA_1 merge backup'] / GB:.1f} GB of weights LoRA_1's merge "
+            f"touches, the latent cache {p['latent cache (host)'] / GB:.2f} GB); x {gpus} process(es) a node",
+            f"  GPU memory per process: {m.gpu_generation / GB:.1f} GB generation, {m.gpu_training / GB:.1f} GB "
+            f"training (weights {p['weights'] / GB:.1f} GB, LoRA training state "
+            f"{p['LoRA_2 training state'] / GB:.2f} GB, activations {p['training activations'] / GB:.1f} GB)"]
+
+
 def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str:
     """The plan as text (what --dry-run prints)."""
     from ..cards import card
@@ -71,6 +97,7 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               f"  training: mode {t.mode}, rank {t.rank}, lr {t.lr:g}, {t.steps_stage1} + {t.steps_stage2} steps at "
               f"batch {t.batch_size} x {t.grad_accum}, resolution {t.resolution or 'as generated'}",
               f"  final: the sum of the round LoRAs{f', truncated to rank {r.final_rank}' if r.final_rank else ''}"]
+    lines += _memory_lines(recipe, c, size, pairs_estimate(recipe, items), gpus)
     est = recipe.estimate
     timing = c.timing
     image_s = est.image_seconds if est.image_seconds is not None else (timing.image_seconds if timing else None)
@@ -89,10 +116,13 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
     device = timing.device if timing else "the recipe's device"
     # An enhanced image runs the DiT on the global prompt and every region prompt at each step.
     item_s = image_s * (2 + recipe.critic.max_suggestions) + (est.critic_seconds if recipe.critic.backend != "heuristic" else 0.0)
-    pairs = recipe.filter.max_pairs or max(1, round(items * ASSUMED_KEEP_RATE * recipe.filter.keep_fraction))
+    pairs = pairs_estimate(recipe, items)
     stage_steps = (0 if t.mode == "sft" else t.steps_stage1) + t.steps_stage2
+    # Generation is sharded by rank; training is DDP: every rank runs a full batch a step (the
+    # global batch grows with the GPUs, the wall time does not shrink), and per-pair mode trains
+    # its pairs one after the other, each on every rank.
     train_steps = stage_steps * (pairs if t.mode == "per-pair" else 1) * t.grad_accum * t.batch_size
-    round_s = items * item_s / gpus + train_steps * step_s / gpus
+    round_s = items * item_s / gpus + train_steps * step_s
     total_s = round_s * r.rounds
     lines += ["estimate (assumptions, not measurements of this run):",
               f"  per unit on {device}: {image_s:.3g} s an image, {step_s:.3g} s a training sample at "
@@ -101,8 +131,10 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               f"  source: {source}",
               f"  per item: {item_s:.1f} s (original + enhanced at {1 + recipe.critic.max_suggestions} prompts a step)",
               f"  kept pairs a round: {pairs} ({'filter.max_pairs' if recipe.filter.max_pairs else f'{ASSUMED_KEEP_RATE:.0%} of the items, the authors report 1-2%'})",
-              f"  per round: {items * item_s / gpus / 3600:.2f} h generation + {train_steps * step_s / gpus / 3600:.2f} h "
+              f"  per round: {items * item_s / gpus / 3600:.2f} h generation + {train_steps * step_s / 3600:.2f} h "
               f"training on {gpus} GPU(s)",
+              f"  training is DDP: each of the {gpus} process(es) runs batch {t.batch_size} x {t.grad_accum} a step, a "
+              f"global batch of {gpus * t.batch_size * t.grad_accum}",
               f"  total for {r.rounds} rounds: about {total_s / 3600:.2f} h wall on {gpus} GPU(s) = "
               f"{total_s * gpus / 3600:.1f} GPU-hours"]
     return "\n".join(lines)

@@ -193,7 +193,7 @@ class RecipeRun:
         record.train = _loss_summary(lora.info.get("losses", {}))
         record.energy_min = lora.info.get("energy_min")
         record.seconds = round(time.perf_counter() - t0, 1)
-        load_lora(self.pipe, lora.path)  # the running base of the next round
+        load_lora(self.pipe, lora.path, undo=False)  # the running base of the next round: no host copy
         self.round_loras.append(lora.path)
         return record
 
@@ -222,7 +222,7 @@ class RecipeRun:
                 record = read_round(done)
                 if record.lora:
                     path = os.path.join(self.out_dir, record.lora)
-                    load_lora(self.pipe, path)
+                    load_lora(self.pipe, path, undo=False)
                     self.round_loras.append(path)
                 logger.info("round %d: done before (resumed)", round_number)
             else:
@@ -265,7 +265,7 @@ class RecipeRun:
                          steps=e.steps or self.recipe.data.steps, width=size, height=size,
                          guidance=self.recipe.data.guidance, scorer=e.scorer,
                          arms=[Arm("base"), Arm("artaug", [(os.path.join(self.out_dir, FINAL_LORA), 1.0)])])
-        unload_lora(self.pipe)  # every round's LoRA: the pipeline is the base model again, bit for bit
+        unload_lora(self.pipe)  # every round's LoRA, read back from the model files: the base again, bit for bit
         self.round_loras = []
         folder = os.path.join(self.out_dir, FINAL_EVAL)
         result = run_eval(cfg, folder, pipe=self.pipe, model_dir=self.model_dir, device=self.device,
