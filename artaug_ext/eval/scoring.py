@@ -75,7 +75,7 @@ class ScoreCache:
 
 
 def metric_kinds(scorer) -> dict[str, str]:
-    """{score name: "quality" | "alignment" | "preference"}: PickScore is read as a pairwise
+    """{score name: "quality" | "alignment" | "preference" | "judge"}: PickScore is read as a pairwise
     preference (the ArtAug table's column sums to 100%), the others as scores."""
     kinds = {}
     for part in scorer.components():
@@ -85,4 +85,12 @@ def metric_kinds(scorer) -> dict[str, str]:
             kinds[k] = "alignment"
         for k in getattr(part, "KEYS", ()):  # the analyser's per-attribute matches
             kinds.setdefault(k, "alignment")
+        for k in getattr(part, "judge_keys", ()):  # the eval's judges (fidelity), which no filter reads
+            kinds[k] = "judge"
     return kinds
+
+
+def lower_is_better(scorer) -> frozenset[str]:
+    """The score names where the lower value wins a pair (an error, a Delta E): those a scorer
+    lists in `lower_keys`. Every other score wins by being higher."""
+    return frozenset(k for part in scorer.components() for k in getattr(part, "lower_keys", ()))
