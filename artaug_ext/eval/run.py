@@ -238,7 +238,7 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         if scorer is None:
             from ..interact.scorers import make_scorer
 
-            scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device)
+            scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device, judges=True)
         t0 = time.perf_counter()
         generated = 0
         missing = any(not os.path.isfile(image_path(out_dir, a.name, p, k)) for a in cfg.arms

@@ -33,6 +33,8 @@ from .critics import (
 logger = logging.getLogger(__name__)
 
 SCORERS = ("heuristic", "analyser", "separation", "aesthetic", "pickscore", "clip", "hpsv2", "imagereward")
+# Judges of the eval only (`artaug_ext.eval.fidelity`): they know the exact scene, so no filter may use one.
+JUDGES = ("fidelity",)
 
 
 class Scorer:
@@ -233,8 +235,9 @@ class SeparationScorer(Scorer):
         return [{"separation": round(analyse.separation(im), 6)} for im in images]
 
 
-def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None) -> Scorer:
-    """A scorer by name; "a+b" combines several."""
+def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None,
+                judges: bool = False) -> Scorer:
+    """A scorer by name; "a+b" combines several. Judges only with `judges=True` (the eval's scorers)."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
     if not parts:
         raise UsageError("--scorer is empty")
@@ -248,6 +251,13 @@ def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None =
             scorers.append(SeparationScorer())
         elif p in DiffSynthMetricScorer._SPECS:
             scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
+        elif p in JUDGES and not judges:
+            raise UsageError(f"scorer {p!r} judges `artaug eval` only (--scorer heuristic+{p}); no filter may use it")
+        elif p == "fidelity":
+            from ..eval.fidelity import FidelityScorer
+
+            scorers.append(FidelityScorer())
         else:
-            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
+            names = SCORERS + (JUDGES if judges else ())
+            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(names)} (join several with +)")
     return scorers[0] if len(scorers) == 1 else CombinedScorer(scorers)
