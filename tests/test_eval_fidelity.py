@@ -17,8 +17,9 @@ from artaug_ext.errors import UsageError
 from artaug_ext.eval import fidelity
 from artaug_ext.eval.prompts import PromptItem, read_prompt_set
 from artaug_ext.eval.run import Arm, EvalConfig, image_path, run_eval
+from artaug_ext.eval.scoring import make_scorer
 from artaug_ext.eval.stats import summarize_metric
-from artaug_ext.interact.scorers import make_scorer
+from artaug_ext.interact import scorers as filter_scorers
 
 PROMPTS = ["a red circle in the center on a blue background, dim light",
            "a small yellow star in the top left on a dark green background, backlit",
@@ -33,7 +34,7 @@ def rendered(prompt, size=64, **change):
 
 
 def score(image, prompt):
-    return make_scorer("fidelity", judges=True).score([image], prompt)[0]
+    return make_scorer("fidelity").score([image], prompt)[0]
 
 
 # ---------------------------------------------------------------------- an independent reference
@@ -136,7 +137,7 @@ def test_a_non_square_image_is_compared_with_the_render_at_its_shape():
 
 def test_a_prompt_outside_the_grammar_is_not_measurable_never_zero(caplog):
     with caplog.at_level(logging.WARNING, logger="artaug_ext"):
-        rows = make_scorer("fidelity", judges=True).score([rendered(PROMPTS[0])] * 2, "a photo of a cat on a sofa")
+        rows = make_scorer("fidelity").score([rendered(PROMPTS[0])] * 2, "a photo of a cat on a sofa")
     assert len(rows) == 2 and all(math.isnan(v) for r in rows for v in r.values())
     assert set(rows[0]) == set(fidelity.KEYS)
     assert "'a photo of a cat on a sofa'" in caplog.text and "not measurable" in caplog.text
@@ -144,19 +145,40 @@ def test_a_prompt_outside_the_grammar_is_not_measurable_never_zero(caplog):
 
 def test_no_filter_may_use_the_judge(tmp_path, monkeypatch):
     from artaug_ext import pipeline
-    from artaug_ext.interact.dataset import InteractConfig, InteractRun
+    from artaug_ext.interact.config import InteractConfig
+    from artaug_ext.interact.loop import InteractRun
 
     for spec in ("fidelity", "heuristic+fidelity"):
         with pytest.raises(UsageError, match="judges `artaug eval` only"):
-            make_scorer(spec)
+            filter_scorers.make_scorer(spec)
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("refused before any model"))
     with pytest.raises(UsageError, match="no filter may use it"):
         InteractRun(InteractConfig(prompts=[PROMPTS[0]], model="tiny-random", scorer="heuristic+fidelity"),
                     str(tmp_path / "run"), progress=False)
-    judge = make_scorer("fidelity", judges=True)
+    judge = make_scorer("fidelity")
     assert judge.quality_keys == () and judge.alignment_keys == ()  # keep_pair reads nothing of it
     with pytest.raises(UsageError, match="choose from .*fidelity"):
-        make_scorer("fidelty", judges=True)
+        make_scorer("fidelty")
+    with pytest.raises(UsageError, match="choose from heuristic, .*imagereward \\("):
+        filter_scorers.make_scorer("fidelty")  # the filter does not even offer it
+
+
+def test_the_eval_scorer_is_the_filter_scorers_and_the_judges_side_by_side(monkeypatch):
+    combined = make_scorer("heuristic+fidelity+analyser")
+    assert [type(p).__name__ for p in combined.components()] == ["HeuristicScorer", "FidelityScorer", "AnalyserScorer"]
+    assert combined.name == "heuristic+fidelity+analyser"
+    row = combined.score([rendered(PROMPTS[0])], PROMPTS[0])[0]
+    assert set(row) == {"quality", "colour_match", *fidelity.KEYS, *filter_scorers.AnalyserScorer.KEYS}
+    assert row["fidelity_delta_e"] == 0.0
+    # every judge the interact layer refuses by name, the eval builds
+    for name in filter_scorers.JUDGES:
+        assert make_scorer(name).name == name
+    # a bad name anywhere in the spec is found before any weights load
+    monkeypatch.setattr(filter_scorers, "DiffSynthMetricScorer", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UsageError, match="unknown scorer 'bogus'"):
+        make_scorer("aesthetic+fidelity+bogus")
+    with pytest.raises(UsageError, match="--scorer is empty"):
+        make_scorer(" + ")
 
 
 # ---------------------------------------------------------------------- through the eval

@@ -2,9 +2,10 @@
 
 For the tiny model only: a prompt of the scene grammar (`artaug_ext.scenes`) names one exact
 picture, `scenes.render` of its scene, so an image can be compared with it pixel by pixel.
-It is a judge of `artaug eval` (`--scorer heuristic+fidelity`); no critic or filter may use it
-(`make_scorer` refuses it there): a judge must stay apart from what picked the training pairs,
-or it would only measure what the loop optimised.
+It is a judge of `artaug eval` (`--scorer heuristic+fidelity`), built by the eval's
+`artaug_ext.eval.scoring.make_scorer`; no critic or filter may use it (the interact layer's
+`make_scorer` refuses the name, and nothing below the eval imports this module): a judge must
+stay apart from what picked the training pairs, or it would only measure what the loop optimised.
 
 Rows, per image, against the render of the prompt's scene at the image's size:
 

@@ -236,9 +236,9 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
     with FolderLock(out_dir, f".artaug-eval-lock-rank{rank:05d}-of-{world:05d}", what="eval folder"):
         _check_folder(out_dir, cfg)
         if scorer is None:
-            from ..interact.scorers import make_scorer
+            from .scoring import make_scorer
 
-            scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device, judges=True)
+            scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device)
         t0 = time.perf_counter()
         generated = 0
         missing = any(not os.path.isfile(image_path(out_dir, a.name, p, k)) for a in cfg.arms
