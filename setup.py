@@ -24,7 +24,7 @@ setup(
     # imports (CUDAProperties) and DiffSynth probes for.
     # The recipes (recipes/) install as `artaug_recipes`, so `artaug demo` finds them in any install.
     package_dir={"artaug_kernels": "kernels/artaug_kernels", "artaug_recipes": "recipes"},
-    package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*"],
+    package_data={"artaug_ext": ["assets/*", "assets/**/*", "interact/templates/*", "interact/*.json"],
                   "artaug_recipes": ["*.toml", "*.txt", "accelerate/*.yaml"]},
     include_package_data=True,
     install_requires=[

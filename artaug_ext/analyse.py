@@ -176,7 +176,7 @@ def analyse(image) -> Analysis:
     )
 
 
-def _lab(rgb: np.ndarray) -> np.ndarray:
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB in [0, 1] to CIE L*a*b* (D65)."""
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
@@ -198,7 +198,7 @@ def separation(image) -> float:
         return 0.0
     core = ndimage.binary_erosion(main, iterations=2)
     pixels = img[core] if core.sum() >= 4 else img[main]
-    a, b = _lab(np.median(pixels, axis=0)), _lab(np.median(ring, axis=0))
+    a, b = srgb_to_lab(np.median(pixels, axis=0)), srgb_to_lab(np.median(ring, axis=0))
     return float(np.sqrt(((a - b) ** 2).sum()))
 
 

@@ -309,6 +309,18 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def lit_layers(scene: Scene, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """What `render` shows where no object is, and in each object: the lit background alone
+    ([size, size, 3]) and each object's lit colour ([objects, 3]), floats in [0, 1]. The fidelity
+    judge segments images with them (its object mask)."""
+    none = np.zeros((size, size), dtype=np.float32)
+    background = np.clip(_apply_lighting(background_image(scene, size), none, scene), 0, 1)
+    inside = np.ones((1, 1), dtype=np.float32)  # one pixel, fully covered: lighting is uniform on objects
+    colours = [np.clip(_apply_lighting(np.array(PALETTE[o.colour], dtype=np.float32)[None, None], inside, scene),
+                       0, 1)[0, 0] for o in scene.objects]
+    return background, np.array(colours, dtype=np.float32)
+
+
 def make_scene(seed: int, size: int = 128, **kwargs) -> tuple[np.ndarray, str, Scene]:
     """(image uint8 [size, size, 3], caption, structured description) for `seed`."""
     scene = random_scene(seed, **kwargs)

@@ -23,7 +23,7 @@ from .args import (
 def add_parser(sub) -> None:
     from ..cards import base_models
     from ..eval.prompts import PROMPT_SETS
-    from ..interact.scorers import SCORERS
+    from ..interact.scorers import JUDGES, SCORERS
 
     p = sub.add_parser("eval", help="compare the base model and LoRAs on the same prompts and seeds (the paper's table)")
     p.add_argument("--model", default="tiny", choices=base_models(), help="base model (default tiny)")
@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=positive_int, default=2, help="images a prompt per arm, on the same seeds (default 2)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--scorer", default="heuristic",
-                   help=f"{', '.join(SCORERS)}, or several joined with + (the paper's: aesthetic+pickscore+clip)")
+                   help=f"{', '.join(SCORERS + JUDGES)}, or several joined with + (the paper's: aesthetic+pickscore+clip; "
+                        "the tiny model's: heuristic+fidelity, the judge that compares with the exact scene)")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--size", type=image_size, default=None, metavar="N|WxH", help="image size (default: the model's)")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)

@@ -134,7 +134,8 @@ def run_interact(args) -> int:
     rate = stats["preference_rate"]
     print(f"{args.out}: {stats['items']} items ({stats['processed']} new in {stats['seconds']:.1f}s), "
           f"{stats['enhanced']} enhanced, {stats['kept']} kept; enhanced scored higher in "
-          f"{stats['enhanced_preferred']}/{stats['enhanced']}" + (f" ({rate:.0%})" if rate is not None else ""))
+          f"{stats['enhanced_preferred']}/{stats['enhanced']}" + (f" ({rate:.0%})" if rate is not None else "")
+          + f"; {stats['usable_suggestions']} of {stats['suggestions']} suggestions had a usable local prompt")
     logger.info("stats: %s", json.dumps(stats))
     return 0
 

@@ -89,7 +89,9 @@ def metric_table(result: dict) -> str:
             else:
                 mean_b, mean_a = _fmt(r["mean_b"]), _fmt(r["mean_a"])
             dlo, dhi = r["diff_ci"]
-            rows.append(f"<tr><td class=l>{esc(name)}{' (alignment)' if r['kind'] == 'alignment' else ''}</td>"
+            note = " (lower is better)" if r.get("better") == "lower" else ""
+            note = (" (alignment)" if r["kind"] == "alignment" else "") + note
+            rows.append(f"<tr><td class=l>{esc(name)}{note}</td>"
                         f"<td>{mean_b}</td><td>{mean_a}</td><td>{r['mean_diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]</td>"
                         f"<td class='{tone}'>{r['win_rate']:.1%} [{lo:.1%}, {hi:.1%}]</td><td>{pref}</td>"
                         f"<td>{r['n']}</td></tr>")

@@ -29,8 +29,8 @@ from ..errors import ArtaugError, UsageError
 from ..files import atomic_write_bytes, atomic_write_json, record_settings
 from .layout import image_path
 from .prompts import PromptItem
-from .scoring import ScoreCache, image_sha256, metric_kinds
-from .stats import summarize_metric
+from .scoring import ScoreCache, image_sha256, lower_is_better, metric_kinds
+from .stats import pair_wins, summarize_metric
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,11 @@ def score_all(cfg: EvalConfig, out_dir: str, scorer, progress: bool = True) -> t
     return {a: {k: np.asarray(v, dtype=np.float64) for k, v in m.items()} for a, m in scores.items()}, cache
 
 
-def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str]) -> dict:
-    """Per candidate arm and metric: the paired summary against arms[0], overall and by category."""
+def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str], lower: frozenset[str] = frozenset()) -> dict:
+    """Per candidate arm and metric: the paired summary against arms[0], overall and by category.
+    The metrics in `lower` win a pair by the lower value. A pair with a NaN score (a prompt the
+    scorer cannot read, such as one outside the scene grammar) is left out and counted as not
+    measurable."""
     base = cfg.arms[0].name
     groups = np.repeat(np.arange(len(cfg.prompts)), cfg.seeds)
     categories = np.repeat(np.array([p.category or "" for p in cfg.prompts]), cfg.seeds)
@@ -180,21 +183,27 @@ def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str]) -> dict:
             a, b = scores[arm.name].get(metric), scores[base].get(metric)
             if a is None or b is None:
                 continue
-            ok = np.isfinite(a) & np.isfinite(b)  # the analyser cannot read prompts outside its grammar
+            ok = np.isfinite(a) & np.isfinite(b)  # NaN: a prompt outside the analyser's or the judge's grammar
+            unmeasured = int((~ok).sum())
+            if not ok.any():
+                rows[metric] = {"kind": kind, "skipped": f"not measurable: none of the {ok.size} pairs has a score "
+                                                        "(prompts the scorer cannot read)", "not_measurable": unmeasured}
+                continue
             if ok.sum() < 2 or len(set(groups[ok])) < 2:
-                rows[metric] = {"kind": kind, "skipped": f"{int(ok.sum())} scored pairs: too few for an interval"}
+                rows[metric] = {"kind": kind, "skipped": f"{int(ok.sum())} scored pairs: too few for an interval",
+                                "not_measurable": unmeasured}
                 continue
             row = summarize_metric(a[ok], b[ok], groups=groups[ok],
                                    kind="preference" if kind == "preference" else "score", n_boot=cfg.n_boot,
-                                   seed=cfg.seed)
-            row = {**_plain(row), "kind": kind}
+                                   seed=cfg.seed, lower_is_better=metric in lower)
+            row = {**_plain(row), "kind": kind, "not_measurable": unmeasured}
             by_cat = {}
             for cat in sorted(set(categories[ok])):
                 sel = ok & (categories == cat)
-                d = a[sel] - b[sel]
-                # ties half, as stats.win_rate (which wants 2 pairs; a category may hold one)
+                # stats.pair_wins, not stats.win_rate: that wants 2 pairs, and a category may hold one
                 by_cat[cat] = {"n": int(sel.sum()), "mean_a": float(a[sel].mean()), "mean_b": float(b[sel].mean()),
-                               "mean_diff": float(d.mean()), "win_rate": float((np.sign(d) + 1).mean() / 2)}
+                               "mean_diff": float((a[sel] - b[sel]).mean()),
+                               "win_rate": float(pair_wins(a[sel], b[sel], metric in lower).mean())}
             row["by_category"] = by_cat
             rows[metric] = row
         for metric, why in UNAVAILABLE.items():
@@ -230,7 +239,7 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         collective.check_shared_folder(out_dir)  # the main process scores every rank's images
         _check_folder(out_dir, cfg)
         if scorer is None:
-            from ..interact.scorers import make_scorer
+            from .scoring import make_scorer
 
             scorer = make_scorer(cfg.scorer, model_dir=model_dir, device=device)
         t0 = time.perf_counter()
@@ -254,8 +263,9 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         scores, cache = score_all(cfg, out_dir, scorer, progress)
         score_s = time.perf_counter() - t1
         kinds = metric_kinds(scorer)
+        comparisons = compare(cfg, scores, kinds, lower_is_better(scorer))
         result = {"model": cfg.model, "arms": [asdict(a) for a in cfg.arms], "prompts": len(cfg.prompts),
-                  "seeds": cfg.seeds, "scorer": scorer.identity(), "comparisons": compare(cfg, scores, kinds),
+                  "seeds": cfg.seeds, "scorer": scorer.identity(), "comparisons": comparisons,
                   "means": {a: {k: float(np.nanmean(v)) for k, v in m.items() if np.isfinite(v).any()}
                             for a, m in scores.items()},
                   "timing": {"generated_images": generated, "generation_seconds": round(gen_s, 2),
@@ -293,18 +303,25 @@ def format_table(result: dict) -> str:
     base = result["arms"][0]["name"]
     for arm, rows in result["comparisons"].items():
         lines.append(f"{arm} vs {base}: {result['prompts']} prompts x {result['seeds']} seeds")
-        lines.append(f"  {'metric':<14}{base:>11}{arm:>11}   {'difference [95% CI]':<28}{'win rate [95% CI]'}")
+        lines.append(f"  {'metric':<18}{base:>11}{arm:>11}   {'difference [95% CI]':<28}{'win rate [95% CI]'}")
         for metric, r in rows.items():
             if "skipped" in r:
-                lines.append(f"  {metric:<14}{r['skipped']}")
+                lines.append(f"  {metric:<18}{r['skipped']}")
                 continue
             win = f"{r['win_rate']:.1%} [{r['win_ci'][0]:.1%}, {r['win_ci'][1]:.1%}]"
             if r["kind"] == "preference":
                 pa, (lo, hi) = r["preference"], r["preference_ci"]
                 pref = f"P({arm} preferred) [{lo:.2%}, {hi:.2%}]"
-                lines.append(f"  {metric + ' pref.':<14}{1 - pa:>10.2%} {pa:>10.2%}   {pref:<28}{win}")
+                lines.append(f"  {metric + ' pref.':<18}{1 - pa:>10.2%} {pa:>10.2%}   {pref:<28}{win}")
                 continue
             lo, hi = r["diff_ci"]
             diff = f"{r['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            lines.append(f"  {metric:<14}{r['mean_b']:>11.4f}{r['mean_a']:>11.4f}   {diff:<28}{win}")
+            lines.append(f"  {metric:<18}{r['mean_b']:>11.4f}{r['mean_a']:>11.4f}   {diff:<28}{win}")
+        lower = [m for m, r in rows.items() if r.get("better") == "lower"]
+        if lower:
+            lines.append(f"  lower is better for {', '.join(lower)}: their win rate counts the lower value")
+        unread = {m: r["not_measurable"] for m, r in rows.items() if r.get("not_measurable") and "skipped" not in r}
+        if unread:
+            lines.append("  not measurable, left out: " + ", ".join(f"{m} {n} pairs" for m, n in unread.items())
+                         + " (prompts the scorer cannot read)")
     return "\n".join(lines)

@@ -1,4 +1,8 @@
-"""Scores of images, cached by image hash, prompt and scorer identity.
+"""The eval's scorers, and their scores of images cached by image hash, prompt and scorer identity.
+
+`make_scorer` assembles what `artaug eval --scorer ...` names: the eval's judges (`fidelity`,
+built here and nowhere below this layer, so no critic or filter can use one) side by side with
+the filter's scorers (`artaug_ext.interact.scorers.make_scorer`).
 
 A second evaluation of the same images (another comparison, a report rebuilt, a resumed
 run) runs no scorer forward pass: every (image sha256, prompt, scorer identity) is scored
@@ -14,9 +18,35 @@ import io
 import json
 import logging
 
+from ..errors import UsageError
 from ..files import append_line, read_jsonl, sha256_file
 
 logger = logging.getLogger(__name__)
+
+
+def _judge(name: str):
+    """One of the eval's judges by its name in `interact.scorers.JUDGES`."""
+    from .fidelity import FidelityScorer
+
+    return {"fidelity": FidelityScorer}[name]()
+
+
+def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None):
+    """The eval's scorer by name; "a+b" combines several, in that order: a judge is built here,
+    every other name by the filter's `make_scorer`. Every name is checked before any weights load.
+    (Imported on use: the score cache must stay cheap to import.)"""
+    from ..interact import scorers as filter_scorers
+
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise UsageError("--scorer is empty")
+    names = filter_scorers.SCORERS + filter_scorers.JUDGES
+    for p in parts:
+        if p not in names:
+            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(names)} (join several with +)")
+    built = [_judge(p) if p in filter_scorers.JUDGES else filter_scorers.make_scorer(p, model_dir=model_dir, device=device)
+             for p in parts]
+    return built[0] if len(built) == 1 else filter_scorers.CombinedScorer(built)
 
 
 def identity_key(identity: dict) -> str:
@@ -75,7 +105,7 @@ class ScoreCache:
 
 
 def metric_kinds(scorer) -> dict[str, str]:
-    """{score name: "quality" | "alignment" | "preference"}: PickScore is read as a pairwise
+    """{score name: "quality" | "alignment" | "preference" | "judge"}: PickScore is read as a pairwise
     preference (the ArtAug table's column sums to 100%), the others as scores."""
     kinds = {}
     for part in scorer.components():
@@ -85,4 +115,12 @@ def metric_kinds(scorer) -> dict[str, str]:
             kinds[k] = "alignment"
         for k in getattr(part, "KEYS", ()):  # the analyser's per-attribute matches
             kinds.setdefault(k, "alignment")
+        for k in getattr(part, "judge_keys", ()):  # the eval's judges (fidelity), which no filter reads
+            kinds[k] = "judge"
     return kinds
+
+
+def lower_is_better(scorer) -> frozenset[str]:
+    """The score names where the lower value wins a pair (an error, a Delta E): those a scorer
+    lists in `lower_keys`. Every other score wins by being higher."""
+    return frozenset(k for part in scorer.components() for k in getattr(part, "lower_keys", ()))

@@ -8,8 +8,9 @@ computed over pairs. One row of the paper-like table (`summarize_metric`) holds:
   (6.81 vs 6.35) and CLIP (26.97 vs 26.92) columns read.
 - `mean_diff`: mean(a - b), with a bootstrap interval `diff_ci`; 0 outside it means the
   difference is more than seed-and-prompt noise.
-- `win_rate`: the share of pairs where a scores higher than b, ties counting half (a hard
-  preference), with `win_ci`.
+- `win_rate`: the share of pairs where a scores better than b, ties counting half (a hard
+  preference), with `win_ci`. Better is higher, or lower for a metric where lower is better
+  (`lower_is_better`: an error, a Delta E); `pair_wins` is the one definition of a win.
 - `preference` (kind "preference" only, the PickScore column): the MEAN over pairs of the
   probability that a is preferred, softmax([s_a, s_b])[0], where s = logit_scale.exp() *
   cosine(image, text) is PickScore's own logit. We implement this reading of the paper's
@@ -68,11 +69,17 @@ def _check_groups(groups, n: int) -> np.ndarray | None:
     return codes
 
 
-def win_rate(a, b) -> float:
+def pair_wins(a, b, lower_is_better: bool = False) -> np.ndarray:
+    """Per pair, 1 where candidate a beats baseline b, 0.5 for a tie, 0 where it loses: a beats b
+    with the higher score, or with the lower one when lower is better."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return ((a < b) if lower_is_better else (a > b)) + 0.5 * (a == b)
+
+
+def win_rate(a, b, lower_is_better: bool = False) -> float:
     """Share of pairs where candidate a beats baseline b, a tie counting half."""
     a, b = _check_pair(a, b)
-    wins, ties = int(np.count_nonzero(a > b)), int(np.count_nonzero(a == b))
-    return (wins + 0.5 * ties) / a.size
+    return math.fsum(pair_wins(a, b, lower_is_better)) / a.size
 
 
 def pairwise_preference(score_a, score_b) -> np.ndarray:
@@ -87,21 +94,21 @@ def pairwise_preference(score_a, score_b) -> np.ndarray:
     return np.where(d >= 0, high, 1.0 - high)
 
 
-def _pair_values(statistic: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _pair_values(statistic: str, a: np.ndarray, b: np.ndarray, lower_is_better: bool = False) -> np.ndarray:
     """The per-pair value whose mean is the statistic."""
     if statistic == "mean_diff":
         return a - b
     if statistic == "win_rate":
-        return (a > b) + 0.5 * (a == b)
+        return pair_wins(a, b, lower_is_better)
     if statistic == "preference":
         return pairwise_preference(a, b)
     raise UsageError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
 
 
-def _estimate(statistic: str, a: np.ndarray, b: np.ndarray) -> float:
+def _estimate(statistic: str, a: np.ndarray, b: np.ndarray, lower_is_better: bool = False) -> float:
     """The statistic on the data itself; exact for symmetric data (a mirror of b gives 0.5)."""
     if statistic == "win_rate":
-        return win_rate(a, b)
+        return win_rate(a, b, lower_is_better)
     if statistic == "preference":
         # p - 0.5 is exact, and fsum is exactly rounded: mirrored pairs cancel to exactly 0.
         return 0.5 + math.fsum(pairwise_preference(a, b) - 0.5) / a.size
@@ -159,7 +166,7 @@ def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def paired_bootstrap(a, b, groups=None, statistic: str = "mean_diff", n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, lower_is_better: bool = False) -> dict:
     """Percentile bootstrap interval of a paired statistic ("mean_diff", "win_rate" or "preference").
 
     `groups` (one prompt index per pair) makes the bootstrap nested (prompts, then their seeds);
@@ -168,11 +175,11 @@ def paired_bootstrap(a, b, groups=None, statistic: str = "mean_diff", n_boot: in
     a, b = _check_pair(a, b)
     codes = _check_groups(groups, a.size)
     _check_bootstrap(n_boot, level)
-    values = _pair_values(statistic, a, b)
+    values = _pair_values(statistic, a, b, lower_is_better)
     replicates = _bootstrap_means(values[None, :], codes, int(n_boot), seed)[:, 0]
     low, high = _interval(replicates, level)
     return {
-        "statistic": statistic, "estimate": _estimate(statistic, a, b), "low": low, "high": high,
+        "statistic": statistic, "estimate": _estimate(statistic, a, b, lower_is_better), "low": low, "high": high,
         "level": level, "n_boot": int(n_boot), "n": int(a.size),
         "prompts": int(a.size) if codes is None else int(codes.max()) + 1,
         "resampled": "pairs" if codes is None else "prompts, then seeds within each prompt",
@@ -180,28 +187,31 @@ def paired_bootstrap(a, b, groups=None, statistic: str = "mean_diff", n_boot: in
 
 
 def summarize_metric(a, b, groups=None, kind: str = "score", n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, lower_is_better: bool = False) -> dict:
     """One row of the paper-like table for one metric: candidate scores `a` against baseline `b`.
 
     kind "score" (aesthetic, CLIP): means, mean difference and win rate, each difference with
     its interval. kind "preference" (PickScore logits): also the mean probability that a is
     preferred over b, the number the paper's PickScore column reports. The intervals share one
-    set of resamples, and equal those of `paired_bootstrap` with the same seed."""
+    set of resamples, and equal those of `paired_bootstrap` with the same seed. `lower_is_better`:
+    the win rate counts the lower score as the win (the difference stays a - b)."""
     if kind not in KINDS:
         raise UsageError(f"unknown metric kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "preference" and lower_is_better:
+        raise UsageError("a preference (PickScore logits) is higher-is-better by definition")
     a, b = _check_pair(a, b)
     codes = _check_groups(groups, a.size)
     _check_bootstrap(n_boot, level)
     names = ["mean_diff", "win_rate"] + (["preference"] if kind == "preference" else [])
-    values = np.stack([_pair_values(name, a, b) for name in names])
+    values = np.stack([_pair_values(name, a, b, lower_is_better) for name in names])
     replicates = _bootstrap_means(values, codes, int(n_boot), seed)
     cis = {name: _interval(replicates[:, i], level) for i, name in enumerate(names)}
     row = {
         "kind": kind, "n": int(a.size), "prompts": int(a.size) if codes is None else int(codes.max()) + 1,
         "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)),
         "mean_diff": _estimate("mean_diff", a, b), "diff_ci": cis["mean_diff"],
-        "win_rate": _estimate("win_rate", a, b), "win_ci": cis["win_rate"],
-        "level": level, "n_boot": int(n_boot),
+        "win_rate": _estimate("win_rate", a, b, lower_is_better), "win_ci": cis["win_rate"],
+        "better": "lower" if lower_is_better else "higher", "level": level, "n_boot": int(n_boot),
     }
     if kind == "preference":
         row["preference"] = _estimate("preference", a, b)

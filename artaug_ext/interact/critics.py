@@ -176,16 +176,27 @@ def region_stats(pixels: np.ndarray) -> dict[str, float]:
 
 
 class HeuristicCritic:
-    """An offline critic with NO understanding of content: it is a light meter, not a VLM.
+    """An offline critic that judges the image against its prompt, without a model.
 
-    It splits the image into a 3x3 grid, measures each cell's exposure, contrast, saturation
-    and sharpness, and for the cells furthest from sensible targets proposes a standard fix
-    phrased in words the tiny model was trained on: the prompt's own content with its
-    lighting replaced ("normal light", "bright light") plus words like "vivid", "sharp" and
-    colour names. Plain areas (flat backgrounds) are judged on exposure only. It cannot see
-    objects, so it never suggests composition changes or new content, and its suggestions
-    are only as good as these thresholds.
-    Use it to exercise the loop end to end; use a VLM critic for real data.
+    A prompt of the tiny scene grammar (`scenes.parse_caption` reads it): the critic reads what
+    the prompt asks for, each named object at its named position and the background under the
+    named lighting, and flags only departures from it: an object that is missing, whose colour
+    or shape is not the named one, or that is brighter or darker than the named lighting
+    implies; speckles at an object's edge; a background brighter or darker than the named
+    lighting implies. What it knows is what the words look like (`word_looks`, measured on
+    training scenes), never how a scene is drawn. Each suggestion's box is its object's region
+    and its local prompt is that object alone in the prompt's words (same background and
+    lighting): it never asks for anything the prompt contradicts. In a one-object prompt, or for
+    the background, that local prompt is the global prompt (the regional blend would be an
+    identity); the interaction loop drops and counts such suggestions.
+
+    Any other prompt, an empty one included (no attribute it can read): today's light meter,
+    with NO understanding of content. It splits the image into a 3x3 grid, measures each cell's
+    exposure, contrast, saturation and sharpness, and for the cells furthest from fixed targets
+    proposes a standard fix in words the tiny model was trained on: the prompt's content with
+    its lighting words replaced ("normal light", "bright light") plus words like "vivid",
+    "sharp" and colour names (colour and position words without a prompt). Plain areas are
+    judged on exposure only. Use it to exercise the loop end to end; use a VLM critic for real data.
     """
 
     name = "heuristic"
@@ -234,6 +245,22 @@ class HeuristicCritic:
         return out
 
     def critique(self, image: Image.Image, prompt: str = "") -> ParseResult:
+        scene = scenes.parse_caption(prompt) if prompt else None
+        if scene is not None:
+            return self._critique_scene(image, scene)
+        return self._light_meter(image, prompt)
+
+    def _critique_scene(self, image: Image.Image, scene: scenes.Scene) -> ParseResult:
+        """A prompt of the scene grammar: departures from what it asks for (see the class docstring)."""
+        found = scene_findings(image, scene)
+        found.sort(key=lambda f: -f[0])
+        out = [Suggestion(box=box, prompt=text, category=cat, rationale=why)
+               for _sev, cat, text, why, box in found[:self.max_suggestions]]
+        return ParseResult(out, "" if out else "the image shows what the prompt asks for, as far as the heuristic "
+                                               "critic can read it")
+
+    def _light_meter(self, image: Image.Image, prompt: str) -> ParseResult:
+        """Today's light meter, for prompts outside the scene grammar."""
         pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
         h, w = pixels.shape[:2]
         content = prompt_content(prompt)
@@ -260,6 +287,93 @@ class HeuristicCritic:
                 break
         return ParseResult(out, "" if out else "no region is far enough from the exposure/contrast/saturation/"
                                                    "sharpness targets to need a fix")
+
+
+# What the scene reading tolerates beyond what training objects strayed (Delta E*ab); an object
+# whose named colour and background are closer than VISIBLE under the named lighting cannot be
+# told from its background, so it is not judged.
+COLOUR_TOLERANCE = 10.0
+BACKGROUND_TOLERANCE = 10.0
+VISIBLE = 12.0
+MISSING_AREA = 0.4  # an object covering less than this share of its word's least area is missing
+SHAPE_MARGIN = 0.06  # how far outside its shape word's extent/solidity range an object may read
+SPECKLE_MARGIN = 0.05  # speckled share of an edge allowed above the training maximum
+
+
+def _object_caption(scene: scenes.Scene, obj: scenes.ShapeSpec) -> str:
+    """One object of the scene alone, in the prompt's own words (background and lighting kept)."""
+    return scenes.describe(scenes.Scene(objects=[obj], background=scene.background,
+                                        background_style=scene.background_style, lighting=scene.lighting,
+                                        say_lighting=scene.say_lighting))
+
+
+def _outside(value: float, band) -> float:
+    lo, hi = band
+    return lo - value if value < lo else (value - hi if value > hi else 0.0)
+
+
+def scene_findings(image: Image.Image, scene: scenes.Scene) -> list[tuple[float, str, str, str, tuple]]:
+    """(severity, category, local prompt, rationale, box) for each departure of the image from
+    the scene its prompt describes: at most one per object (the worst) and one for the background."""
+    from . import word_looks as wl
+
+    table = wl.table()
+    px = wl.read_pixels(image)
+    light = scene.lighting
+    light_words = scenes.LIGHTING_PHRASES[light]
+    boxes = [table["regions"][f"{o.position}|{o.size}"] for o in scene.objects]
+    bg_model = wl.background_model(px, boxes)
+    bg_look = table["backgrounds"].get(f"{scene.background}|{scene.background_style}|{light}")
+    found = []
+    for i, obj in enumerate(scene.objects):
+        box = tuple(boxes[i])
+        what = f"the {obj.colour} {obj.shape} {scenes.POSITION_PHRASES[obj.position]}"
+        local = _object_caption(scene, obj)
+        look = table["objects"].get(f"{obj.colour}|{light}")
+        if look is None or bg_look is None or wl.delta_e(look["lab"], bg_look["lab"]) < VISIBLE:
+            continue  # the words' looks are unknown, or the object cannot be told from its background
+        r = wl.read_object(px, bg_model, box, boxes[:i] + boxes[i + 1:])
+        least = table["areas"][f"{obj.shape}|{obj.size}"]
+        if r.lab is None or r.area < MISSING_AREA * least:
+            found.append((2.0, "composition", local, f"{what} is missing: nothing there stands out from the background",
+                          box))
+            continue
+        candidates = []
+        off = wl.delta_e(r.lab, look["lab"])
+        if off > look["spread"] + COLOUR_TOLERANCE:
+            under = {c: wl.delta_e(r.lab, v["lab"]) for k, v in table["objects"].items()
+                     for c, lit in [k.split("|")] if lit == light}
+            nearest = min(under, key=under.get)
+            if nearest != obj.colour:
+                candidates.append((1.0 + off / 100, "atmosphere", local,
+                                   f"{what} looks {nearest}, not {obj.colour} (Delta E {off:.0f})"))
+            else:
+                way = "brighter" if r.lab[0] > look["lab"][0] else "darker"
+                candidates.append((0.5 + off / 100, "exposure", local,
+                                   f"{what} is {way} than {light_words!r} implies (L* {r.lab[0]:.0f}, "
+                                   f"expected {look['lab'][0]:.0f})"))
+        if r.speckle > table["speckle"] + SPECKLE_MARGIN:
+            candidates.append((0.3 + r.speckle, "detail", local,
+                               f"speckles at the edge of {what} ({r.speckle:.0%} of its edge pixels)"))
+        else:  # speckled edges make the outline unreadable: its shape is judged only when clean
+            bands = table["shapes"][obj.shape]
+            miss = max(_outside(r.extent, bands["extent"]), _outside(r.solidity, bands["solidity"]))
+            if miss > SHAPE_MARGIN:
+                nearest = min(table["shapes"], key=lambda shape, r=r: _outside(r.extent, table["shapes"][shape]["extent"])
+                              + _outside(r.solidity, table["shapes"][shape]["solidity"]))
+                if nearest != obj.shape:
+                    candidates.append((0.8 + miss, "composition", local, f"{what} looks like a {nearest}"))
+        if candidates:
+            found.append(max(candidates, key=lambda c: c[0]) + (box,))
+    if bg_look is not None:
+        lab = wl.border_lab(px)
+        off = wl.delta_e(lab, bg_look["lab"])
+        if off > bg_look["spread"] + BACKGROUND_TOLERANCE:
+            way = "brighter" if lab[0] > bg_look["lab"][0] else "darker"
+            found.append((0.5 + off / 100, "exposure", scene.caption,
+                          f"the background is {way} than {light_words!r} implies (L* {lab[0]:.0f}, expected "
+                          f"{bg_look['lab'][0]:.0f})", (0.0, 0.0, 1.0, 1.0)))
+    return found
 
 
 # ---------------------------------------------------------------------------- openai

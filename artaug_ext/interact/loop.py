@@ -38,7 +38,7 @@ from .enhance import enhance
 from .images import png_bytes
 from .keep import keep_pair
 from .manifest import all_ranks_done, finished_ids, merge_manifests, read_manifest, shard_path, summarize
-from .parse import ParseResult
+from .parse import ParseResult, split_identities
 from .pictures import pair_picture
 
 logger = logging.getLogger(__name__)
@@ -152,16 +152,20 @@ class InteractRun:
         prompt = cfg.prompts[prompt_index]
         iid = item_id(prompt_index, image_index)
         common = self._common(prompt_index, image_index)
+        usable, identities = split_identities(critique.suggestions, prompt)
+        critique = ParseResult(usable, critique.reason)
         record = {
             "id": iid, "prompt_index": prompt_index, "image_index": image_index, "prompt": prompt, "seed": common["seed"],
             "model": cfg.model, "model_sha256": self.model_sha, "loras": self.lora_sha, "steps": self.steps,
             "height": self.height, "width": self.width, "critic": cfg.critic,
             "suggestions": [s.to_dict() for s in critique.suggestions], "critic_reason": critique.reason,
+            "identity_suggestions": identities,
             "original": f"images/{iid}.original.png", "enhanced": None, "picture": None, "scores": {}, "gain": None,
             "kept": False,
         }
         if not critique.suggestions:
-            record["why"] = f"no suggestions: {critique.reason}"
+            record["why"] = (f"no usable suggestions: the {identities} made had the global prompt as their local prompt "
+                             "(an identity blend)" if identities else f"no suggestions: {critique.reason}")
             return record
         enhanced = enhance(pipe, prompt, critique.suggestions, scale=cfg.region_scale, **common)
         rel_enh = f"images/{iid}.enhanced.png"

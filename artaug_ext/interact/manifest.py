@@ -41,7 +41,8 @@ def all_ranks_done(run_dir: str, world: int) -> bool:
 
 
 def summarize(run_dir: str, quality_keys=()) -> dict:
-    """Counts over all shards: items, enhanced, kept, and how often the enhanced image scored higher."""
+    """Counts over all shards: items, enhanced, kept, how often the enhanced image scored higher,
+    and the critic's suggestions: made, usable, and dropped as identities (local prompt = global prompt)."""
     records = []
     for p in sorted(glob.glob(os.path.join(run_dir, "shards", "manifest-rank*.jsonl"))):
         records += read_manifest(p)
@@ -51,6 +52,9 @@ def summarize(run_dir: str, quality_keys=()) -> dict:
         keys = list(quality_keys) or [k for k in r["scores"]["original"] if k in ("quality", "aesthetic", "pickscore")]
         if keys and all(r["scores"]["enhanced"][k] > r["scores"]["original"][k] for k in keys):
             prefer += 1
+    usable = sum(len(r.get("suggestions", ())) for r in records)
+    identities = sum(r.get("identity_suggestions", 0) for r in records)
     return {"items": len(records), "enhanced": len(enhanced), "kept": sum(bool(r.get("kept")) for r in records),
+            "suggestions": usable + identities, "usable_suggestions": usable, "identity_suggestions": identities,
             "enhanced_preferred": prefer,
             "preference_rate": round(prefer / len(enhanced), 4) if enhanced else None}

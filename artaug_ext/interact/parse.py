@@ -74,6 +74,15 @@ class ParseResult:
         return cls([Suggestion.from_dict(s) for s in d.get("suggestions", [])], d.get("reason", ""))
 
 
+def split_identities(suggestions: list[Suggestion], prompt: str) -> tuple[list[Suggestion], int]:
+    """(the suggestions with a usable local prompt, how many had none): a local prompt equal to
+    the global prompt (case and spacing aside) makes the regional blend an identity, the same
+    prediction inside the box as outside, so such a suggestion changes nothing and is dropped."""
+    same = " ".join((prompt or "").split()).casefold()
+    usable = [s for s in suggestions if " ".join(s.prompt.split()).casefold() != same]
+    return usable, len(suggestions) - len(usable)
+
+
 def normalise_category(name: str | None, fallback_text: str = "") -> str:
     """Map a free-form category name (or, failing that, the prompt's words) onto CATEGORIES."""
     for text in (name or "", fallback_text or ""):

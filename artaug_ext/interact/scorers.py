@@ -33,6 +33,9 @@ from .critics import (
 logger = logging.getLogger(__name__)
 
 SCORERS = ("heuristic", "analyser", "separation", "aesthetic", "pickscore", "clip", "hpsv2", "imagereward")
+# The names of the eval's judges (built by `artaug_ext.eval.scoring.make_scorer`, never here): they
+# know the exact scene, so no critic or filter may use one; this layer only refuses them by name.
+JUDGES = ("fidelity",)
 
 
 class Scorer:
@@ -234,10 +237,17 @@ class SeparationScorer(Scorer):
 
 
 def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None = None) -> Scorer:
-    """A scorer by name; "a+b" combines several."""
+    """A filter scorer by name; "a+b" combines several. Every name is checked before any
+    weights load. The eval's judges are refused here: the eval builds them
+    (`artaug_ext.eval.scoring.make_scorer`)."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
     if not parts:
         raise UsageError("--scorer is empty")
+    for p in parts:
+        if p in JUDGES:
+            raise UsageError(f"scorer {p!r} judges `artaug eval` only (--scorer heuristic+{p}); no filter may use it")
+        if p not in SCORERS:
+            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
     scorers = []
     for p in parts:
         if p == "heuristic":
@@ -246,8 +256,6 @@ def make_scorer(spec: str, *, model_dir: str | None = None, device: str | None =
             scorers.append(AnalyserScorer())
         elif p == "separation":
             scorers.append(SeparationScorer())
-        elif p in DiffSynthMetricScorer._SPECS:
-            scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
         else:
-            raise UsageError(f"unknown scorer {p!r}; choose from {', '.join(SCORERS)} (join several with +)")
+            scorers.append(DiffSynthMetricScorer(p, model_dir=model_dir, device=device))
     return scorers[0] if len(scorers) == 1 else CombinedScorer(scorers)
