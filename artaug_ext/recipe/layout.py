@@ -46,6 +46,7 @@ class RoundRecord:
     mean_gain: float
     trained_pairs: int
     lora: str | None = None  # relative to the run folder; None: the round trained nothing
+    lora_sha256: str | None = None  # of that file: a resume checks it before merging it
     stopped: str | None = None  # why the run stopped in this round (kept no pairs)
     train: dict = field(default_factory=dict)  # per stage: loss summary
     energy_min: float | None = None
