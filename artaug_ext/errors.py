@@ -31,3 +31,8 @@ class NonFiniteError(ArtaugError, FloatingPointError):
 
 class RunLockedError(ArtaugError, RuntimeError):
     """Another live process holds the run folder's lock."""
+
+
+class OutOfSpaceError(ArtaugError, RuntimeError):
+    """A write failed because the disk is full or a file-size limit was hit; the message names
+    the file (what was written before is intact, and the same command resumes)."""

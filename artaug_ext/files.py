@@ -7,13 +7,16 @@ nothing and a second process on the same folder is refused instead of corrupting
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 
-from .errors import FileFormatError, RunLockedError, UsageError
+from .errors import FileFormatError, OutOfSpaceError, RunLockedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +72,48 @@ def atomic_write_bytes(path: str, data: bytes, shared: bool = False) -> None:
     process; otherwise two writers share one temporary file and the second rename fails."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# errno values of a write that failed for lack of room: disk full, file-size limit, quota.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# What torch's checkpoint writer raises (a RuntimeError with no errno) when the write fails.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def out_of_room(e: BaseException) -> bool:
+    """Whether `e` is a write that failed because the disk is full or a file-size limit was hit."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_ROOM
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILED)
+
+
+@contextlib.contextmanager
+def writing(path: str, *partial: str):
+    """Around the write of `path`: a write that fails because the disk is full or a file-size
+    limit was hit becomes one OutOfSpaceError naming `path` (not a chain of OS or torch
+    tracebacks); the `partial` files it leaves (temporary files, never `path` itself: writes
+    go to a temporary file and are renamed) are removed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not out_of_room(e):
+            raise
+        for p in partial:
+            with contextlib.suppress(OSError):
+                if os.path.isdir(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.remove(p)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        raise OutOfSpaceError(f"{path}: could not be written: the disk is full or a file-size limit was hit ({why}); "
+                              "free space (or raise the limit, `ulimit -f`) and run the same command again: it "
+                              "resumes where it stopped, nothing written before is lost") from None
 
 
 _ST_DTYPE_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
@@ -102,13 +142,14 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> 
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for data in blobs:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
@@ -138,33 +179,65 @@ def first_difference(old, new, prefix: str = "") -> str | None:
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
             if a != b:
                 return first_difference(a, b, f"{prefix or 'value'}[{i}]")
-    return f"{prefix or 'value'}: {str(old)[:80]} -> {str(new)[:80]}"
+    return f"{prefix or 'value'}: {_shown(old)} -> {_shown(new)}"
 
 
-def read_json(path: str, what: str, fix: str):
-    """A JSON file's value; a file that does not decode or parse raises naming it, what it is
-    and the fix (never a bare UnicodeDecodeError or JSONDecodeError)."""
+def _shown(value) -> str:
+    """A value in a one-line message, whole, or described when it is too long to read in one
+    (a message is never cut in the middle of a value)."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if len(text) <= 120:
+        return text
+    kind = {str: "text", list: "list", dict: "table"}.get(type(value), "value")
+    size = f"{len(value)} items" if isinstance(value, (list, dict)) else f"{len(text)} characters"
+    return f"a {kind} of {size} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]})"
+
+
+def read_json(path: str, what: str, fix: str, kind: type | None = dict):
+    """A JSON file's value, the one reader of every JSON file we resume from; a file that does
+    not decode or parse (or whose value is not a `kind`) raises naming it, what it is and the fix
+    (never a bare UnicodeDecodeError or JSONDecodeError)."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FileFormatError(path, f"this {what} is not valid JSON ({type(e).__name__}: {str(e)[:80]})", fix) from None
+            value = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FileFormatError(path, f"this {what} is not valid JSON (byte {e.start} is not UTF-8 text)", fix) from None
+    except ValueError as e:
+        raise FileFormatError(path, f"this {what} is not valid JSON ({type(e).__name__}: {e})", fix) from None
+    if kind is not None and not isinstance(value, kind):
+        raise FileFormatError(path, f"this {what} is not a JSON {'object' if kind is dict else kind.__name__}", fix)
+    return value
 
 
-def recorded_difference(path: str, record: dict) -> str | None:
+def readable_json(path: str, what: str) -> FileFormatError | None:
+    """Why the JSON file `path` cannot be trusted (None: it parses as an object): the check of
+    a record a run can make again, before it trusts it."""
+    try:
+        read_json(path, what, "")
+    except FileFormatError as e:
+        return e
+    return None
+
+
+SETTINGS_FIX = "delete the folder it is in and run again"
+
+
+def recorded_difference(path: str, record: dict, what: str = "settings record", fix: str = SETTINGS_FIX) -> str | None:
     """How `record` differs from what the JSON file `path` recorded (None if the file is absent
     or equal): how a folder tells that a resume has other settings than the run that made it."""
     if not os.path.exists(path):
         return None
-    return first_difference(read_json(path, "settings record", "delete the folder it is in and run again"), record)
+    return first_difference(read_json(path, what, fix), record)
 
 
-def record_settings(path: str, settings: dict, refusal: str, write: bool = True) -> None:
+def record_settings(path: str, settings: dict, refusal: str, write: bool = True, what: str = "settings record",
+                    fix: str = SETTINGS_FIX) -> None:
     """The settings record of a folder: refuse (UsageError `refusal` with "{diff}" filled in by
     the first difference) when `path` records other settings, else write it if absent. Every resumable folder
     (a run, a pair dataset, a latent cache, an eval) keeps its record this way; several ranks
-    may write it at once (`shared`)."""
-    diff = recorded_difference(path, settings)
+    may write it at once (`shared`). A record that does not parse raises naming it, `what` it
+    is and `fix`."""
+    diff = recorded_difference(path, settings, what, fix)
     if diff:
         raise UsageError(refusal.format(diff=diff))
     if write and not os.path.exists(path):
@@ -173,21 +246,32 @@ def record_settings(path: str, settings: dict, refusal: str, write: bool = True)
 
 def append_line(path: str, record: dict) -> None:
     """Append one JSONL record with one write and fsync it (a torn last line, from a kill
-    inside the write, is repaired by `read_jsonl(repair=True)`)."""
-    with open(path, "ab") as f:
+    inside the write or a full disk, is repaired by `read_jsonl(repair=True)`)."""
+    with writing(path), open(path, "ab") as f:
         f.write(json_line(record))
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str, repair: bool = False, what: str = "manifest") -> list[dict]:
-    """Records of a JSONL file. A torn LAST line (no newline: a killed append) is ignored, or
-    cut off if `repair`; a corrupt line anywhere else raises naming the file and line."""
+LINE_FIX = "delete that line (its item is made again on the next run) or restore the file"
+
+
+def read_jsonl(path: str, repair: bool = False, what: str = "manifest", appended: bool = True,
+               fix: str = LINE_FIX) -> list[dict]:
+    """Records of a JSONL file. `appended`: the file grows by `append_line`, so a torn LAST line
+    (the file ends without a newline: a killed append) is an interrupted write, ignored, or cut
+    off if `repair`. Any other damaged line, and any torn line of a file written whole
+    (`appended=False`, or an appended file that is finished), raises naming the file, the line
+    and `fix`: records are never dropped silently."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
+    if end < len(data) and not appended:
+        n = data[:end].count(b"\n") + 1
+        raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is cut off (the file ends without a newline, "
+                              "but it was written whole)", fix)
     if end < len(data):
         logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - end)
         if repair:
@@ -202,11 +286,10 @@ def read_jsonl(path: str, repair: bool = False, what: str = "manifest") -> list[
         try:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON record ({e})",
-                                  "delete that line (its item is redone on the next run) or restore the file") from None
+            why = f"byte {e.start} is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON record ({why})", fix) from None
         if not isinstance(record, dict):
-            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON object",
-                                  "delete that line (its item is redone on the next run)")
+            raise FileFormatError(f"{path}:{n}", f"line {n} of this {what} is not a JSON object", fix)
         records.append(record)
     return records
 
@@ -290,6 +373,29 @@ def check_safetensors(path: str, fix: str = "download or export the file again")
         what = "truncated" if 8 + n + cursor > size else "has bytes after the last tensor"
         raise bad(f"{what}: {size} bytes, but the header describes {8 + n + cursor}")
     return header
+
+
+def lock_holder(folder: str, pattern: str) -> str | None:
+    """The process holding a live lock on `folder` (a lock file matching `pattern`, as
+    FolderLock writes them), as the pid its holder wrote; None when no lock is held."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return None
 
 
 class FolderLock:

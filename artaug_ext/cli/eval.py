@@ -86,7 +86,7 @@ def arms_from_args(args) -> list:
 
         rounds = cumulative_round_loras(args.run_dir)
         if not rounds:
-            raise UsageError(f"--run {args.run_dir}: no finished round with a LoRA (is it an `artaug run` folder?)")
+            raise UsageError(_no_round(args.run_dir))
         for name, loras in rounds:
             add(name, loras)
         final = os.path.join(args.run_dir, FINAL_LORA)
@@ -96,6 +96,22 @@ def arms_from_args(args) -> list:
         raise UsageError("nothing to compare: give --lora PATH (repeatable), --artaug or --run RUN_DIR "
                          "(with --no-base, at least two)")
     return arms
+
+
+def _no_round(run_dir: str) -> str:
+    """Why --run RUN_DIR has nothing to evaluate: not a run folder, a run in progress (and the
+    process that holds it), or a run that ended without a round LoRA."""
+    from ..files import lock_holder
+    from ..recipe.layout import RUN_JSON
+
+    if not os.path.isfile(os.path.join(run_dir, RUN_JSON)):
+        return f"--run {run_dir}: not an `artaug run` folder (it has no {RUN_JSON}); give the --out of an `artaug run`"
+    holder = lock_holder(run_dir, ".artaug-run-lock*")
+    if holder:
+        return (f"--run {run_dir}: the run has no finished round yet; it is in progress (process {holder} holds its "
+                "lock): evaluate it once its first round is done")
+    return (f"--run {run_dir}: the run has no finished round with a LoRA; finish it with the same `artaug run "
+            f"RECIPE --out {run_dir}` (its summary says why it stopped)")
 
 
 def run(args) -> int:

@@ -3,7 +3,9 @@ same seeds, scored, and compared like the ArtAug paper's table.
 
 An eval folder:
 
-    eval.json            what was evaluated (a second eval into the same folder must match)
+    eval.json            what was evaluated: settings, and the sha256 of the model's and every
+                         arm's LoRA files, not their paths (a second eval into the same folder
+                         must have the same settings; an arm whose files changed is made again)
     images/{arm}/{prompt:05d}-s{k:02d}.png
     scores.jsonl         the score cache (image sha256, prompt, scorer identity -> scores)
     results.json         the table: per candidate arm and metric, means, paired differences,
@@ -25,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..dist import Collective, lock_folder, process_info
-from ..errors import ArtaugError, UsageError
-from ..files import atomic_write_bytes, atomic_write_json, record_settings
+from ..errors import ArtaugError, FileFormatError, UsageError
+from ..files import atomic_write_bytes, atomic_write_json, first_difference, read_json
 from .layout import image_path
 from .prompts import PromptItem
 from .scoring import ScoreCache, image_sha256, lower_is_better, metric_kinds
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_LOCK = ".artaug-eval-lock"  # held by the main process of the eval writing the folder (its pid inside)
 
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: arms and the model by content (sha256), not by path
 # The ArtAug paper's table also has MPS, which diffsynth.metrics does not provide.
 UNAVAILABLE = {"mps": "not available: MPS is not in diffsynth.metrics (the paper's 52.48% vs 47.52% cannot be "
                       "reproduced here)"}
@@ -70,9 +72,11 @@ class EvalConfig:
     n_boot: int = 2000
 
     def identity(self) -> dict:
-        """What the images and scores depend on (batch size and bootstrap count do not)."""
+        """What the images and scores depend on besides the files (batch size and bootstrap
+        count do not); the arms by name (their files: `folder_record`)."""
         d = asdict(self)
         d["prompts"] = [[p.prompt, p.category] for p in self.prompts]
+        d["arms"] = [a.name for a in self.arms]
         d.pop("batch_size")
         d.pop("n_boot")
         return d
@@ -96,9 +100,75 @@ def item_seed(cfg: EvalConfig, p: int, k: int) -> int:
     return cfg.seed + p * cfg.seeds + k
 
 
-def _check_folder(out_dir: str, cfg: EvalConfig) -> None:
-    record_settings(os.path.join(out_dir, "eval.json"), {"format": EVAL_FORMAT, **cfg.identity()},
-                    f"--out {out_dir} belongs to another eval ({{diff}}); use a new --out (nothing in it was changed)")
+EVAL_JSON = "eval.json"
+
+
+def _sha256(path: str, cache: str):
+    """A file's or folder's sha256 (a list of them for a sharded model file); a LoRA given by
+    hub name, not a path, is its name."""
+    from ..files import sha256_path
+
+    if isinstance(path, (list, tuple)):
+        return [_sha256(p, cache) for p in path]
+    return sha256_path(path, cache) if os.path.exists(path) else {"name": path}
+
+
+def folder_record(cfg: EvalConfig, model_paths: dict, model_dir: str | None = None) -> dict:
+    """eval.json: the settings, the model files' and every arm's LoRA files' sha256 (the cached
+    hashes `artaug interact` records), never their paths: an eval folder moved with its LoRAs, or
+    LoRAs copied elsewhere, resume; a LoRA re-trained into the same path does not pass for the old."""
+    from ..hub import hash_cache_file
+
+    cache = hash_cache_file(model_dir)
+    return {"format": EVAL_FORMAT, **cfg.identity(),
+            "model_sha256": {role: _sha256(p, cache) for role, p in sorted(model_paths.items())},
+            "arm_files": {a.name: [{"sha256": _sha256(path, cache), "alpha": alpha} for path, alpha in a.loras]
+                          for a in cfg.arms}}
+
+
+def folder_difference(out_dir: str, record: dict) -> str | None:
+    """Why `out_dir` holds another eval than `record` (None: it is empty, or the same eval up to
+    arms whose files changed, which `check_folder` makes again): other settings, an older format,
+    or an eval.json that does not parse."""
+    path = os.path.join(out_dir, EVAL_JSON)
+    if not os.path.exists(path):
+        return None
+    try:
+        old = read_json(path, "eval record", "")
+    except FileFormatError as e:
+        return f"its {EVAL_JSON} is damaged: {e.problem}"
+    if old.get("format") != EVAL_FORMAT:
+        return f"an eval of format {old.get('format')}, this version writes format {EVAL_FORMAT}"
+    files = ("model_sha256", "arm_files")
+    return first_difference({k: v for k, v in old.items() if k not in files},
+                            {k: v for k, v in record.items() if k not in files})
+
+
+def check_folder(out_dir: str, record: dict) -> None:
+    """Refuse an eval folder of another eval (naming the first difference); an arm whose LoRA
+    files (or the model's files, for every arm) are not those its images were made with gets its
+    images made again, with a warning: re-training a LoRA into the same path and evaluating it
+    into the same --out is asking for the new LoRA's images."""
+    import shutil
+
+    path = os.path.join(out_dir, EVAL_JSON)
+    diff = folder_difference(out_dir, record)
+    if diff:
+        raise UsageError(f"--out {out_dir} belongs to another eval ({diff}); use a new --out, or delete the folder "
+                         "to evaluate into it again (nothing in it was changed)")
+    if os.path.exists(path):
+        old = read_json(path, "eval record", "")
+        stale = [a for a in record["arms"] if old["model_sha256"] != record["model_sha256"]
+                 or old["arm_files"].get(a) != record["arm_files"][a]]
+        if not stale:
+            return
+        for arm in stale:
+            why = (first_difference(old["model_sha256"], record["model_sha256"], "model_sha256")
+                   or first_difference(old["arm_files"].get(arm), record["arm_files"][arm], f"{arm}.loras"))
+            logger.warning("eval arm %s: its files are not those its images were made with (%s): making its images "
+                           "again", arm, why)
+            shutil.rmtree(os.path.join(out_dir, "images", arm), ignore_errors=True)
+    atomic_write_json(path, record, shared=True)
 
 
 def generate_arm(pipe, cfg: EvalConfig, arm: Arm, out_dir: str, progress: bool = True) -> int:
@@ -237,7 +307,14 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
     lock = lock_folder(out_dir, collective, EVAL_LOCK, what="eval folder")
     try:
         collective.check_shared_folder(out_dir)  # the main process scores every rank's images
-        _check_folder(out_dir, cfg)
+        if pipe is not None and getattr(pipe, "artaug_model_paths", None):
+            paths = pipe.artaug_model_paths
+        else:
+            from ..pipeline import model_paths
+
+            paths = model_paths(cfg.model, model_dir)
+        record = folder_record(cfg, paths, model_dir)
+        check_folder(out_dir, record)
         if scorer is None:
             from .scoring import make_scorer
 
@@ -263,8 +340,11 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         scores, cache = score_all(cfg, out_dir, scorer, progress)
         score_s = time.perf_counter() - t1
         kinds = metric_kinds(scorer)
+        arms = [{"name": a.name, "loras": [{"file": os.path.basename(p) if os.path.exists(p) else p, **f}
+                                           for (p, _), f in zip(a.loras, record["arm_files"][a.name], strict=True)]}
+                for a in cfg.arms]  # by content and file name: no path, so the folder can move
         comparisons = compare(cfg, scores, kinds, lower_is_better(scorer))
-        result = {"model": cfg.model, "arms": [asdict(a) for a in cfg.arms], "prompts": len(cfg.prompts),
+        result = {"model": cfg.model, "arms": arms, "prompts": len(cfg.prompts),
                   "seeds": cfg.seeds, "scorer": scorer.identity(), "comparisons": comparisons,
                   "means": {a: {k: float(np.nanmean(v)) for k, v in m.items() if np.isfinite(v).any()}
                             for a, m in scores.items()},

@@ -10,7 +10,7 @@ import shutil
 
 from ..errors import UsageError
 from ..files import atomic_write_bytes, json_line
-from .manifest import merge_manifests, read_manifest
+from .manifest import merge_manifests, merged_manifest
 
 
 def export_pairs(run_dir: str, out_dir: str, keep_fraction: float = 1.0, link: bool = True) -> int:
@@ -22,7 +22,7 @@ def export_pairs(run_dir: str, out_dir: str, keep_fraction: float = 1.0, link: b
     if not 0 < keep_fraction <= 1:
         raise UsageError(f"--keep-fraction {keep_fraction} must be in (0, 1]")
     merge_manifests(run_dir)
-    kept = [r for r in read_manifest(os.path.join(run_dir, "manifest.jsonl")) if r.get("kept") and r.get("enhanced")]
+    kept = [r for r in merged_manifest(run_dir) if r.get("kept") and r.get("enhanced")]
     kept.sort(key=lambda r: (-(r.get("gain") or 0.0), r["id"]))
     kept = sorted(kept[: math.ceil(len(kept) * keep_fraction)], key=lambda r: r["id"])
     for image_side in ("original", "enhanced"):

@@ -12,7 +12,8 @@ A run folder holds
 Every file is written atomically (temporary file, fsync, rename) and an item's manifest line is
 appended last, so a run killed at any point and started again skips finished items, redoes the
 one in flight and ends byte-identical to an uninterrupted run (no timestamps in any file).
-A torn last manifest line (killed mid-append) is cut off on restart. Byte-identity assumes
+A torn last manifest line (killed mid-append) is cut off on restart, and a finished item whose
+image is missing or does not decode is made again (same seed, same bytes). Byte-identity assumes
 the same device and torch thread count on every start (they change float rounding).
 
 Multi-GPU: under `accelerate launch` or `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK), prompts are
@@ -31,13 +32,22 @@ import time
 from PIL import Image
 
 from ..dist import Collective, lock_folder
-from ..files import append_line, atomic_write_bytes, sha256_path
+from ..errors import FileFormatError
+from ..files import append_line, atomic_write_bytes, json_line, sha256_path
 from ..hub import hash_cache_file
 from .config import InteractConfig, check_run_json, item_id, run_settings
 from .enhance import enhance
-from .images import png_bytes
+from .images import load_image, png_bytes
 from .keep import keep_pair
-from .manifest import all_ranks_done, finished_ids, merge_manifests, read_manifest, shard_path, summarize
+from .manifest import (
+    all_ranks_done,
+    done_path,
+    finished_ids,
+    merge_manifests,
+    read_manifest,
+    shard_path,
+    summarize,
+)
 from .parse import ParseResult, split_identities
 from .pictures import pair_picture
 
@@ -123,6 +133,28 @@ class InteractRun:
             for p in glob.glob(os.path.join(self.run_dir, "*", f"{i}*.tmp")):
                 os.remove(p)
 
+    def _redo_damaged(self, shard: str) -> None:
+        """This rank's finished items whose images are missing or do not decode are no longer
+        finished: their manifest lines are taken out (with a warning naming the file), so they are
+        made again from their seeds, the same bytes as the originals."""
+        records = read_manifest(shard)
+        kept, redo = [], 0
+        for r in records:
+            broken = [rel for rel in (r.get("original"), r.get("enhanced"), r.get("picture"))
+                      if rel and not _readable(os.path.join(self.run_dir, rel))]
+            for rel in broken:
+                logger.warning("%s: missing or not a readable image: item %s is made again (same seed)",
+                               os.path.join(self.run_dir, rel), r["id"])
+            if broken:
+                redo += 1
+            else:
+                kept.append(r)
+        if redo:
+            atomic_write_bytes(shard, b"".join(json_line(r) for r in kept))
+            marker = done_path(self.run_dir, self.rank, self.world)
+            if os.path.exists(marker):
+                os.remove(marker)
+
     def _common(self, prompt_index: int, image_index: int) -> dict:
         seed = self.cfg.seed + prompt_index * self.cfg.images_per_prompt + image_index
         return dict(seed=seed, steps=self.steps, height=self.height, width=self.width, t5_sequence_length=self.t5_len,
@@ -201,6 +233,7 @@ class InteractRun:
         check_run_json(self.run_dir, run_settings(self.cfg, self.model_sha, self.lora_sha, self.critic, self.scorer))
         shard = shard_path(self.run_dir, self.rank, self.world)
         read_manifest(shard, repair=True)
+        self._redo_damaged(shard)
         done = finished_ids(self.run_dir)
         mine = self.items()
         todo = [it for it in mine if item_id(*it) not in done]
@@ -224,11 +257,20 @@ class InteractRun:
                 bar.update(1)
         bar.close()
         seconds = time.perf_counter() - t0
-        atomic_write_bytes(os.path.join(self.run_dir, "shards", f"done-rank{self.rank:05d}-of-{self.world:05d}"), b"done\n")
+        atomic_write_bytes(done_path(self.run_dir, self.rank, self.world), b"done\n")
         merged = merge_manifests(self.run_dir) if all_ranks_done(self.run_dir, self.world) else None
         stats = summarize(self.run_dir, self.scorer.quality_keys if self.scorer else ())
         stats.update(processed=len(todo), seconds=round(seconds, 3), merged=merged)
         return stats
+
+
+def _readable(path: str) -> bool:
+    """The image file exists and decodes whole."""
+    try:
+        load_image(path)
+    except (FileFormatError, FileNotFoundError):
+        return False
+    return True
 
 
 def run_interact(cfg: InteractConfig, run_dir: str, **kwargs) -> dict:

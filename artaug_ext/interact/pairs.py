@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import glob
 import os
 from dataclasses import dataclass
 
 from ..errors import FileFormatError, UsageError
 from ..files import read_text_lines
-from .manifest import read_manifest
+from .manifest import read_manifest, shard_records
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,8 @@ def read_pairs(path: str) -> list[Pair]:
     output of `artaug interact-export` (original/ and enhanced/ with metadata.csv). Every image
     must exist; the error names the file that does not."""
     if os.path.isdir(os.path.join(path, "shards")) or os.path.isfile(os.path.join(path, "manifest.jsonl")):
-        if os.path.isdir(os.path.join(path, "shards")):
-            records = {}
-            for p in sorted(glob.glob(os.path.join(path, "shards", "manifest-rank*.jsonl"))):
-                for r in read_manifest(p):
-                    records.setdefault(r["id"], r)
-            records = [records[k] for k in sorted(records)]
-        else:
-            records = read_manifest(os.path.join(path, "manifest.jsonl"))
+        records = shard_records(path) if os.path.isdir(os.path.join(path, "shards")) else read_manifest(
+            os.path.join(path, "manifest.jsonl"))
         pairs = [Pair(r["id"], r["prompt"], os.path.join(path, r["original"]), os.path.join(path, r["enhanced"]),
                       r.get("gain")) for r in records if r.get("kept") and r.get("enhanced")]
     elif os.path.isfile(os.path.join(path, "original", "metadata.csv")):

@@ -49,6 +49,7 @@ class RoundRecord:
     trained_pairs: int
     mean_gain_enhanced: float | None = None  # over every enhanced item: what run.stop_mean_gain reads
     lora: str | None = None  # relative to the run folder; None: the round trained nothing
+    lora_sha256: str | None = None  # of that file: a resume checks it before merging it
     stopped: str | None = None  # why the run stopped in this round (kept no pairs)
     train: dict = field(default_factory=dict)  # per stage: loss summary
     energy_min: float | None = None

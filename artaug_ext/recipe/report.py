@@ -7,7 +7,7 @@ import json
 import os
 
 from ..eval.report import esc, metric_table, page, svg_plot, verdict
-from ..files import atomic_write_bytes, read_jsonl
+from ..files import atomic_write_bytes
 from .layout import MODEL_CARD, RoundRecord, round_dir, stage_losses
 
 
@@ -15,10 +15,11 @@ def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
     """Original vs enhanced of a round's items, the critic's boxes and local prompts drawn on
     them (written once into the round's report/ folder), with each pair's verdict."""
     from ..interact.images import load_image, png_bytes
+    from ..interact.manifest import merged_manifest
     from ..interact.parse import Suggestion
     from ..interact.pictures import pair_picture
 
-    records = read_jsonl(os.path.join(folder, "interact", "manifest.jsonl"), what="manifest")
+    records = merged_manifest(os.path.join(folder, "interact"))
     enhanced = [r for r in records if r.get("enhanced")]
     shown = sorted(enhanced, key=lambda r: (not r.get("kept"), r["id"]))[:max_items]
     cells = []

@@ -25,8 +25,8 @@ import time
 import torch
 
 from ..dist import Collective, lock_folder, process_info
-from ..errors import UsageError
-from ..files import atomic_write_json, read_json, record_settings
+from ..errors import FileFormatError, UsageError
+from ..files import atomic_write_json, check_safetensors, read_json, record_settings, sha256_file
 from .config import Recipe
 from .layout import (
     FINAL_EVAL,
@@ -50,12 +50,53 @@ RUN_FORMAT = 1
 def _check_run_json(out_dir: str, recipe: Recipe, main: bool) -> None:
     path = os.path.join(out_dir, RUN_JSON)
     resolved = {"format": RUN_FORMAT, "recipe": recipe.to_dict(), "prompts": recipe.prompts()}
+    problem = _damaged_json(path, "run record")
+    if problem and main and _same_recipe_file(out_dir, recipe):
+        logger.warning("%s: %s; the folder's recipe.toml is this recipe: writing it again", path, problem)
+        os.remove(path)
+    elif problem:
+        raise FileFormatError(path, f"{problem} (the record of the recipe this run folder was made with)",
+                              f"delete {path}: the next `artaug run` of the recipe that made the folder writes it "
+                              "again and resumes")
     record_settings(path, resolved, f"--out {out_dir} holds a run of another recipe ({{diff}}); resume with the same "
-                    "recipe or use a new --out (nothing there was changed)", write=False)
+                    "recipe, or give a new --out for this one (nothing there was changed)", write=False)
     if main and not os.path.exists(path):
         atomic_write_json(path, resolved, shared=True)
         if recipe.path and os.path.isfile(recipe.path):
             shutil.copyfile(recipe.path, os.path.join(out_dir, "recipe.toml"))
+
+
+def _damaged_json(path: str, what: str) -> str | None:
+    """What is wrong with the JSON record `path` (None: absent, or it parses as an object)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        read_json(path, what, "")
+    except FileFormatError as e:
+        return e.problem
+    return None
+
+
+def _same_recipe_file(out_dir: str, recipe: Recipe) -> bool:
+    """Whether the run folder's copy of its recipe is, byte for byte, the recipe file given now."""
+    copy = os.path.join(out_dir, "recipe.toml")
+    if not (recipe.path and os.path.isfile(recipe.path) and os.path.isfile(copy)):
+        return False
+    with open(copy, "rb") as a, open(recipe.path, "rb") as b:
+        return a.read() == b.read()
+
+
+def _lora_problem(path: str, sha256: str | None) -> str | None:
+    """Why the LoRA file `path` cannot be trusted (None: it is whole, and the file recorded)."""
+    if not os.path.isfile(path):
+        return "is missing"
+    try:
+        check_safetensors(path)
+    except FileFormatError as e:
+        return f"is damaged ({e.problem})"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return "is not the file that was written (its sha256 differs from the one recorded)"
+    return None
 
 
 class RecipeRun:
@@ -190,6 +231,7 @@ class RecipeRun:
         lora = train_round_lora(self.pipe.dit, cache, self.recipe.train, folder, accelerator=self.accelerator,
                                 progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
         record.lora = os.path.relpath(lora.path, self.out_dir)
+        record.lora_sha256 = sha256_file(lora.path)
         record.train = _loss_summary(lora.info.get("losses", {}))
         record.energy_min = lora.info.get("energy_min")
         record.seconds = round(time.perf_counter() - t0, 1)
@@ -218,8 +260,8 @@ class RecipeRun:
         rounds, stopped = [], None
         for round_number in range(1, self.recipe.run.rounds + 1):
             done = os.path.join(round_dir(self.out_dir, round_number), ROUND_DONE)
-            if os.path.isfile(done):
-                record = read_round(done)
+            record, before = self._finished_round(round_number)
+            if record is not None:
                 if record.lora:
                     path = os.path.join(self.out_dir, record.lora)
                     load_lora(self.pipe, path, undo=False)
@@ -227,6 +269,7 @@ class RecipeRun:
                 logger.info("round %d: done before (resumed)", round_number)
             else:
                 record = self._run_round(round_number)
+                self._check_rebuilt(round_number, before, record)
                 if self.main:
                     atomic_write_json(done, record.to_dict())
                 self._barrier()
@@ -246,6 +289,53 @@ class RecipeRun:
             summary["report"] = write_run_report(self.out_dir, summary)
             atomic_write_json(os.path.join(self.out_dir, SUMMARY), summary)
         return summary
+
+    def _finished_round(self, round_number: int) -> tuple[RoundRecord | None, RoundRecord | None]:
+        """(the record of a finished round whose outputs are whole, None: the round is to be run,
+        the record it had). A round record that does not parse, a round LoRA that is missing,
+        damaged or not the file written, or a pair manifest that lost items makes the round run
+        again (with a warning naming the file): it resumes from its saved stages, so only what
+        was lost is made again."""
+        from ..interact.manifest import merged_manifest
+
+        folder = round_dir(self.out_dir, round_number)
+        done = os.path.join(folder, ROUND_DONE)
+        if not os.path.isfile(done):
+            return None, None
+        problem = _damaged_json(done, "round record")
+        if problem:
+            logger.warning("%s: %s: round %d is made again from its saved stages", done, problem, round_number)
+            return None, None
+        record = read_round(done)
+        if record.lora:
+            path = os.path.join(self.out_dir, record.lora)
+            problem = _lora_problem(path, record.lora_sha256)
+            if problem:
+                logger.warning("%s (round %d's LoRA) %s: round %d is made again from its saved stages", path,
+                               round_number, problem, round_number)
+                return None, record
+        interact = os.path.join(folder, "interact")
+        try:
+            items = len(merged_manifest(interact))
+        except FileFormatError as e:
+            logger.warning("%s: round %d is made again", e, round_number)
+            return None, record
+        if items != record.items:
+            logger.warning("%s holds %d items, round %d had %d: the round is made again", os.path.join(interact, "shards"),
+                           items, round_number, record.items)
+            return None, record
+        return record, record
+
+    def _check_rebuilt(self, round_number: int, before: RoundRecord | None, record: RoundRecord) -> None:
+        """A round made again must give the LoRA later rounds were trained on top of."""
+        later = os.path.join(round_dir(self.out_dir, round_number + 1), ROUND_DONE)
+        if (before is None or not before.lora_sha256 or not os.path.isfile(later)
+                or record.lora_sha256 == before.lora_sha256):
+            return
+        raise UsageError(f"{os.path.join(self.out_dir, record.lora)}: round {round_number}'s LoRA, made again, differs "
+                         f"from the one rounds {round_number + 1}.. were trained on top of; delete "
+                         f"{os.path.join(self.out_dir, 'rounds')}/round-NN for every N > {round_number}, and "
+                         f"{os.path.join(self.out_dir, 'final')}, to train them again")
 
     def _held_out_check(self) -> dict:
         """The base against the base + final LoRA on held-out prompts and seeds (the recipe's
@@ -268,6 +358,7 @@ class RecipeRun:
         unload_lora(self.pipe)  # every round's LoRA, read back from the model files: the base again, bit for bit
         self.round_loras = []
         folder = os.path.join(self.out_dir, FINAL_EVAL)
+        _drop_other_eval(folder, cfg, self.pipe, self.model_dir)
         result = run_eval(cfg, folder, pipe=self.pipe, model_dir=self.model_dir, device=self.device,
                           progress=self.progress, collective=self.collective)
         what = (f"The base model against base + the final LoRA on {len(items)} held-out prompts ({e.prompts}, none "
@@ -297,7 +388,10 @@ class RecipeRun:
 
         card_path = os.path.join(self.out_dir, MODEL_CARD)
         if os.path.isfile(card_path):
-            return read_json(card_path, "model card", f"delete {card_path}: the final LoRA is then made again")["final"]
+            problem = self._final_problem(card_path)
+            if problem is None:
+                return read_json(card_path, "model card", "")["final"]
+            logger.warning("%s: making the final LoRA and its model card again from the round LoRAs", problem)
         layers, info = combine_loras(self.round_loras, rank=self.recipe.run.final_rank)
         final = {"rounds": len(self.round_loras), "rank": self.recipe.run.final_rank,
                  "ranks_before": max(info["ranks_before"].values()),
@@ -308,9 +402,27 @@ class RecipeRun:
             meta = {"artaug_rounds": len(self.round_loras), "artaug_base": self.recipe.run.model}
             save_kohya(layers, os.path.join(self.out_dir, FINAL_LORA), metadata=meta, dtype=torch.float32)
             save_lora(layers_to_training_state(layers), os.path.join(self.out_dir, FINAL_LORA_DIFFSYNTH), meta)
+            final["sha256"] = {rel: sha256_file(os.path.join(self.out_dir, rel)) for rel in (FINAL_LORA,
+                                                                                              FINAL_LORA_DIFFSYNTH)}
             atomic_write_json(card_path, self._model_card(rounds, final))
         self._barrier()
         return final
+
+    def _final_problem(self, card_path: str) -> str | None:
+        """Why the finished final/ cannot be trusted (None: its card parses, and both LoRA files are
+        whole and the files the card records)."""
+        problem = _damaged_json(card_path, "model card")
+        if problem:
+            return f"{card_path}: {problem}"
+        final = read_json(card_path, "model card", "").get("final")
+        if not isinstance(final, dict):
+            return f"{card_path}: the model card has no final LoRA"
+        for rel in (FINAL_LORA, FINAL_LORA_DIFFSYNTH):
+            path = os.path.join(self.out_dir, rel)
+            problem = _lora_problem(path, (final.get("sha256") or {}).get(rel))
+            if problem:
+                return f"{path} (the final LoRA) {problem}"
+        return None
 
     def _model_card(self, rounds: list[RoundRecord], final: dict) -> dict:
         from ..files import sha256_path
@@ -330,6 +442,17 @@ class RecipeRun:
             "train_guidance": train_guidance_note(self.recipe),
             "recipe": self.recipe.to_dict(),
         }
+
+
+def _drop_other_eval(folder: str, cfg, pipe, model_dir: str | None) -> None:
+    """The run's held-out check is the run's to make: a final/eval of other settings (an older
+    format, or an eval.json that does not parse) is removed, with a warning, and made again."""
+    from ..eval.run import folder_difference, folder_record
+
+    diff = folder_difference(folder, folder_record(cfg, getattr(pipe, "artaug_model_paths", {}) or {}, model_dir))
+    if diff:
+        logger.warning("%s holds another held-out check (%s): making it again", folder, diff)
+        shutil.rmtree(folder)
 
 
 def train_guidance_note(recipe: Recipe) -> dict:

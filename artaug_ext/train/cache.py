@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import FileFormatError, UsageError
-from ..files import check_safetensors, record_settings, save_safetensors
+from ..files import check_safetensors, read_json, record_settings, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,15 @@ def _item_path(cache_dir: str, pair_id: str) -> str:
 
 
 def _check_info(cache_dir: str, info: dict) -> None:
-    record_settings(os.path.join(cache_dir, INFO_FILE), info,
+    path = os.path.join(cache_dir, INFO_FILE)
+    if os.path.exists(path):
+        try:
+            read_json(path, "latent cache record", "")
+        except FileFormatError as e:  # the latents' settings are unknown: the cache is made again
+            logger.warning("%s: %s: encoding the latent cache %s again", path, e.problem, cache_dir)
+            shutil.rmtree(cache_dir)
+            os.makedirs(cache_dir)
+    record_settings(path, info,
                     f"{cache_dir} caches latents made with other settings ({{diff}}); delete the folder to build it again")
 
 

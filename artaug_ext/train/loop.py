@@ -25,7 +25,7 @@ import torch
 
 from ..dist import process_info
 from ..errors import UsageError
-from ..files import append_line, atomic_write_json, first_difference, read_jsonl
+from ..files import append_line, atomic_write_json, first_difference, read_json, read_jsonl, writing
 from .loss_log import LOSS_LOG
 from .settings import SCHEDULES, TrainSettings
 
@@ -191,16 +191,18 @@ def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, model, optimizer,
     if accelerator.is_main_process:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        params = trainable_parameters(accelerator.unwrap_model(model))
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, os.path.join(tmp, "trainable.safetensors"))
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "extra": {k: v.state_dict() for k, v in extra_state.items()}}
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        atomic_write_json(os.path.join(tmp, DONE_FILE), {"step": step, "format": CHECKPOINT_FORMAT,
-                                                         "config": cfg.identity()})
+        with writing(final, tmp):  # a full disk: one line naming the checkpoint; the previous one is intact
+            os.makedirs(tmp)
+            params = trainable_parameters(accelerator.unwrap_model(model))
+            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()},
+                      os.path.join(tmp, "trainable.safetensors"))
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "extra": {k: v.state_dict() for k, v in extra_state.items()}}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            atomic_write_json(os.path.join(tmp, DONE_FILE), {"step": step, "format": CHECKPOINT_FORMAT,
+                                                             "config": cfg.identity()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted((int(n[len(CKPT_PREFIX):]), n) for n in os.listdir(cfg.output_dir)
@@ -215,8 +217,8 @@ def _load_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scheduler, a
     """Restore a checkpoint into the (unwrapped) model; refuse one made with other settings."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, DONE_FILE), encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_json(os.path.join(path, DONE_FILE), "checkpoint record",
+                     f"delete the folder {path}: training resumes from the checkpoint before it (or from the start)")
     if info.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: a checkpoint of another format ({info.get('format')}); delete the folder "
                          f"{cfg.output_dir} to start this training again")
@@ -272,7 +274,7 @@ def _trim_loss_log(path: str, step: int) -> None:
     if os.path.exists(path):
         records = [r for r in read_jsonl(path, repair=True, what="loss log") if r["step"] <= step]
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path, tmp), open(tmp, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
         os.replace(tmp, path)
