@@ -1,12 +1,12 @@
 """Measure what the scene grammar's words look like on the tiny model's training scenes: the
-table the heuristic critic reads (`artaug_ext/interact/word_looks.json`).
+table the heuristic critic reads (`artaug_ext/assets/word_looks.json`).
 
-    python benchmarks/calibrate_critic.py            # rewrites artaug_ext/interact/word_looks.json
+    python benchmarks/calibrate_critic.py            # rewrites artaug_ext/assets/word_looks.json
     python benchmarks/calibrate_critic.py --check    # exit 1 when the shipped table differs
 
 Training scenes only: `scenes.random_scene(seed, held_out=False)` for seeds 0..N-1 (the DiT's
 training scenes), rendered at 256 px and read at 128 px by the critic's own readings
-(`artaug_ext.interact.word_looks`). This script may use `scenes.render` and the scenes' masks;
+(`artaug_ext.word_looks`). This script may use `scenes.render` and the scenes' masks;
 the critic never does: it reads the table this writes.
 """
 
@@ -21,11 +21,11 @@ from collections import defaultdict
 import numpy as np
 
 from artaug_ext import scenes
-from artaug_ext.interact import word_looks as wl
+from artaug_ext import word_looks as wl
 
 SCENES = 1000
 RENDER_SIZE = 256
-TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artaug_ext", "interact",
+TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artaug_ext", "assets",
                      "word_looks.json")
 
 

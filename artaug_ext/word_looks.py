@@ -29,7 +29,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from ..analyse import srgb_to_lab
+from .colours import srgb_to_lab
 
 SIZE = 128  # the side every image is read at (box-filtered)
 SEARCH_MARGIN = 0.03  # an object may sit this far (fraction of the side) outside its word's box
@@ -40,7 +40,7 @@ SPECKLE = 0.2  # RGB distance from the 3x3 median that makes an edge pixel a spe
 @functools.lru_cache(maxsize=1)
 def table() -> dict:
     """The calibrated table (see the module docstring)."""
-    return json.loads(resources.files("artaug_ext.interact").joinpath("word_looks.json").read_text("utf-8"))
+    return json.loads(resources.files("artaug_ext").joinpath("assets/word_looks.json").read_text("utf-8"))
 
 
 def read_pixels(image) -> np.ndarray:
