@@ -3,24 +3,35 @@
 Pixel statistics over the scene grammar (`artaug_ext.scenes`), no learned model, so it can
 judge the tiny model's images without a download: the background colour (from the image
 border), the main object (the largest connected region that differs from the background),
-its colour (nearest palette colour as the scenes render it under every lighting), its
-shape (solidity and bounding-box fill) and its position (bounding-box centre on the 3x3
-grid of named positions).
+its colour, its shape (solidity and bounding-box fill), its position (bounding-box centre on
+the 3x3 grid of named positions) and, given the prompt's words, the lighting.
+
+Like the heuristic critic it knows what the words look like, not how a scene is drawn: colours
+and lightings are read against `word_looks` (the L*a*b* of each colour word under each lighting
+word, and of each background, measured on training scenes), never the palette's RGB, the
+lighting formulas or `scenes.render`. The fidelity judge (`eval/fidelity.py`) is the one that
+compares with the exact render.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import scenes
+from . import scenes, word_looks
+from .colours import srgb_to_lab
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_SIZE = 128
-ATTRIBUTES = ("colour", "shape", "position", "background")
+ANALYSIS_SIZE = word_looks.SIZE  # the side the words' looks were measured at
+ATTRIBUTES = ("colour", "shape", "position", "background", "lighting")
+# A lighting is read only when the image is within this Delta E*ab (per look compared, on
+# average) of what the prompt's words look like under it; further (noise, another scene) it is None.
+LIGHTING_FAR = 25.0
+LIGHTNESS_WEIGHT = 0.5  # colour words: chroma counts more than L* (lighting scales brightness)
 
 
 @dataclass
@@ -31,41 +42,51 @@ class Analysis:
     background: str
     brightness: float  # mean of the image in [0, 1]
     area: float = 0.0  # main object's area as a fraction of the image
+    lighting: str | None = None  # read only against the prompt's words (`analyse(image, scene)`)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _prototypes() -> tuple[np.ndarray, list[str]]:
-    """Every colour as the renderer can show it (shade x lighting), labelled by its name."""
-    feats, names = [], []
-    for name, rgb in scenes.PALETTE.items():
-        base = np.array(rgb, dtype=np.float64)
-        shades = [base, base * 0.55, base * 0.55 + 0.45, base * 1.15, base * 0.7]
-        for c in shades:
-            for lit in (c, c * 0.55, c * 1.12 + 0.12, c * 1.3 + 0.3, c * 0.5, c + (1 - c) * 0.15, c + (1 - c) * 0.3):
-                feats.append(np.clip(lit, 0, 1))
-                names.append(name)
-    return np.stack(feats), names
-
-
-_PROTOS, _PROTO_NAMES = _prototypes()
-
-
-def _feature(rgb: np.ndarray) -> np.ndarray:
-    """Colour features where chroma counts more than brightness (lighting scales brightness)."""
-    rgb = np.asarray(rgb, dtype=np.float64)
-    mean = rgb.mean(-1, keepdims=True)
-    return np.concatenate([rgb - mean, 0.5 * mean], axis=-1)
-
-
-_PROTO_FEATS = _feature(_PROTOS)
+@functools.lru_cache(maxsize=1)
+def _colour_looks() -> tuple[np.ndarray, list[str]]:
+    """Every look of a colour word in the calibrated table (objects under each lighting,
+    backgrounds of each style under each lighting), labelled by the word."""
+    table = word_looks.table()
+    labs, names = [], []
+    for part in ("objects", "backgrounds"):
+        for key, look in sorted(table[part].items()):
+            labs.append(look["lab"])
+            names.append(key.split("|")[0])
+    return np.array(labs, dtype=np.float64), names
 
 
 def classify_colour(rgb) -> str:
-    """Nearest rendered palette colour to an RGB triple in [0, 1]."""
-    d = ((_PROTO_FEATS - _feature(rgb)[None]) ** 2).sum(-1)
-    return _PROTO_NAMES[int(np.argmin(d))]
+    """The colour word whose calibrated look (under any lighting) is nearest an RGB triple in [0, 1]."""
+    labs, names = _colour_looks()
+    d = np.asarray(srgb_to_lab(np.asarray(rgb, dtype=np.float64))) - labs
+    d[:, 0] *= LIGHTNESS_WEIGHT
+    return names[int(np.argmin((d ** 2).sum(-1)))]
+
+
+def read_lighting(border_lab: np.ndarray, object_lab: np.ndarray | None, scene: scenes.Scene) -> str | None:
+    """The lighting word under which the prompt's background (colour and style) and main object
+    colour look most like the image's border ring and main object (L*a*b*), from the calibrated
+    looks; None when no lighting's looks are known for these words or all are further than
+    LIGHTING_FAR."""
+    table = word_looks.table()
+    best, best_d = None, float("inf")
+    for light in scenes.LIGHTINGS:
+        parts = []
+        bg = table["backgrounds"].get(f"{scene.background}|{scene.background_style}|{light}")
+        if bg is not None:
+            parts.append(word_looks.delta_e(border_lab, bg["lab"]))
+        obj = table["objects"].get(f"{scene.main.colour}|{light}")
+        if obj is not None and object_lab is not None:
+            parts.append(word_looks.delta_e(object_lab, obj["lab"]))
+        if parts and np.mean(parts) < best_d:
+            best, best_d = light, float(np.mean(parts))
+    return best if best_d <= LIGHTING_FAR else None
 
 
 def _to_float(image) -> np.ndarray:
@@ -150,8 +171,10 @@ def _segment(img: np.ndarray):
     return ndimage.binary_fill_holes(main), row_bg, ring
 
 
-def analyse(image) -> Analysis:
-    """Read the main object and the background of a scene image (PIL image or array)."""
+def analyse(image, scene: scenes.Scene | None = None) -> Analysis:
+    """Read the main object and the background of a scene image (PIL image or array), and the
+    lighting when the prompt's scene is given (a lighting is only readable against the words:
+    a dark yellow background in normal light is a yellow one in dim light)."""
     from scipy import ndimage
 
     img = _to_float(image)
@@ -159,30 +182,25 @@ def analyse(image) -> Analysis:
     main, _, ring = _segment(img)
     background = classify_colour(np.median(ring, axis=0))
     brightness = float(img.mean())
+    border = word_looks.border_lab(img.astype(np.float64))  # read at word_looks.SIZE, as calibrated
     if main is None:
-        return Analysis(None, None, None, background, brightness)
+        lighting = read_lighting(border, None, scene) if scene is not None else None
+        return Analysis(None, None, None, background, brightness, lighting=lighting)
     ys, xs = np.nonzero(main)
     cx = (xs.min() + xs.max() + 1) / 2 / n
     cy = (ys.min() + ys.max() + 1) / 2 / n
     core = ndimage.binary_erosion(main, iterations=2)
     pixels = img[core] if core.sum() >= 4 else img[main]
+    colour = np.median(pixels, axis=0)
     return Analysis(
-        colour=classify_colour(np.median(pixels, axis=0)),
+        colour=classify_colour(colour),
         shape=classify_shape(main),
         position=classify_position(cx, cy),
         background=background,
         brightness=brightness,
         area=float(main.sum()) / (n * n),
+        lighting=read_lighting(border, srgb_to_lab(colour.astype(np.float64)), scene) if scene is not None else None,
     )
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in [0, 1] to CIE L*a*b* (D65)."""
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
 def separation(image) -> float:
@@ -203,12 +221,13 @@ def separation(image) -> float:
 
 
 def expected(scene: scenes.Scene) -> dict[str, str]:
-    """What the analyser should read from a scene: its main object and background."""
+    """What the analyser should read from a scene: its main object, background and lighting."""
     return {"colour": scene.main.colour, "shape": scene.main.shape, "position": scene.main.position,
-            "background": scene.background}
+            "background": scene.background, "lighting": scene.lighting}
 
 
 def matches(analysis: Analysis, scene: scenes.Scene) -> dict[str, bool]:
+    """Which attributes read as the scene says (lighting: only if read with `analyse(image, scene)`)."""
     want = expected(scene)
     got = analysis.to_dict()
     return {k: got[k] == want[k] for k in ATTRIBUTES}
@@ -217,13 +236,14 @@ def matches(analysis: Analysis, scene: scenes.Scene) -> dict[str, bool]:
 def chance_rates() -> dict[str, float]:
     """Match rate of a uniform guess per attribute (background: the colour differs from the object's)."""
     return {"colour": 1 / len(scenes.COLOURS), "shape": 1 / len(scenes.SHAPES),
-            "position": 1 / len(scenes.POSITIONS), "background": 1 / len(scenes.COLOURS)}
+            "position": 1 / len(scenes.POSITIONS), "background": 1 / len(scenes.COLOURS),
+            "lighting": 1 / len(scenes.LIGHTINGS)}
 
 
 def accuracy(images, scene_list) -> dict[str, float]:
     """Per-attribute match rate of the analyser on images of the given scenes."""
     hits = {k: 0 for k in ATTRIBUTES}
     for image, scene in zip(images, scene_list, strict=True):
-        for k, ok in matches(analyse(image), scene).items():
+        for k, ok in matches(analyse(image, scene), scene).items():
             hits[k] += ok
     return {k: v / len(scene_list) for k, v in hits.items()}

@@ -32,3 +32,16 @@ OTHER_COLOUR_WORDS: list[str] = ["grey", "magenta", "teal", "gold", "silver"]
 def rgb255(name: str) -> tuple[int, int, int]:
     """A colour of the table in 8-bit sRGB."""
     return tuple(int(round(255 * v)) for v in COLOURS[name])
+
+
+def srgb_to_lab(rgb):
+    """sRGB in [0, 1] (an array, last axis RGB) to CIE L*a*b* (D65). numpy is imported here: the
+    colour table itself is read where numpy is not needed."""
+    import numpy as np
+
+    rgb = np.asarray(rgb, dtype=np.float64)
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)

@@ -42,7 +42,7 @@ def evaluate(pipe, n_prompts: int = 64, n_lighting: int = 32, size: int | None =
     swaps = 0
     for i, scene in enumerate(tqdm(prompts, desc="held-out prompts", disable=not progress)):
         image = gen(scene.caption, i)
-        found = analyse.analyse(image)
+        found = analyse.analyse(image, scene)
         for k, ok in analyse.matches(found, scene).items():
             hits[k] += ok
         # Object and background colours exchanged: the binding error, apart from wrong colours.

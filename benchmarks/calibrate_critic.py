@@ -1,12 +1,12 @@
 """Measure what the scene grammar's words look like on the tiny model's training scenes: the
-table the heuristic critic reads (`artaug_ext/interact/word_looks.json`).
+table the heuristic critic reads (`artaug_ext/assets/word_looks.json`).
 
-    python benchmarks/calibrate_critic.py            # rewrites artaug_ext/interact/word_looks.json
+    python benchmarks/calibrate_critic.py            # rewrites artaug_ext/assets/word_looks.json
     python benchmarks/calibrate_critic.py --check    # exit 1 when the shipped table differs
 
 Training scenes only: `scenes.random_scene(seed, held_out=False)` for seeds 0..N-1 (the DiT's
 training scenes), rendered at 256 px and read at 128 px by the critic's own readings
-(`artaug_ext.interact.word_looks`). This script may use `scenes.render` and the scenes' masks;
+(`artaug_ext.word_looks`). This script may use `scenes.render` and the scenes' masks;
 the critic never does: it reads the table this writes.
 """
 
@@ -21,11 +21,12 @@ from collections import defaultdict
 import numpy as np
 
 from artaug_ext import scenes
-from artaug_ext.interact import word_looks as wl
+from artaug_ext import word_looks as wl
+from artaug_ext.interact.critics import UNIFORM_CONTRAST, region_stats
 
 SCENES = 1000
 RENDER_SIZE = 256
-TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artaug_ext", "interact",
+TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artaug_ext", "assets",
                      "word_looks.json")
 
 
@@ -52,8 +53,10 @@ def calibrate(scene_list: list[scenes.Scene]) -> dict:
             regions[key] = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
     # 2. what the critic's readings see in each object and background
     areas, labs, bgs, shapes, speckles = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list), []
+    cells = defaultdict(list)
     for scene in scene_list:
         px = wl.read_pixels(scenes.render(scene, RENDER_SIZE))
+        cells[scene.lighting] += [region_stats(c) for c in wl.grid_cells(px)]
         boxes = [regions[f"{o.position}|{o.size}"] for o in scene.objects]
         bg = wl.background_model(px, boxes)
         bgs[f"{scene.background}|{scene.background_style}|{scene.lighting}"].append(wl.border_lab(px))
@@ -82,7 +85,18 @@ def calibrate(scene_list: list[scenes.Scene]) -> dict:
         "shapes": {k: {"extent": _round(np.percentile([e for e, _ in v], [1, 99])),
                        "solidity": _round(np.percentile([s for _, s in v], [1, 99]))} for k, v in sorted(shapes.items())},
         "speckle": _round(max(speckles), 4),
+        "lightings": {light: _lighting_bands(v) for light, v in sorted(cells.items())},
     }
+
+
+def _lighting_bands(stats: list[dict]) -> dict:
+    """Per lighting word, the 1st..99th percentile of the heuristic scorer's 3x3-cell readings:
+    exposure over every cell, contrast, saturation and sharpness over cells that are not plain."""
+    textured = [s for s in stats if s["contrast"] >= UNIFORM_CONTRAST]
+    out = {"exposure": _round(np.percentile([s["exposure"] for s in stats], [1, 99])), "cells": len(stats)}
+    for key in ("contrast", "saturation", "sharpness"):
+        out[key] = _round(np.percentile([s[key] for s in textured], [1, 99]))
+    return out
 
 
 def main(argv=None) -> int:

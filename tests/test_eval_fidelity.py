@@ -168,7 +168,7 @@ def test_the_eval_scorer_is_the_filter_scorers_and_the_judges_side_by_side(monke
     assert [type(p).__name__ for p in combined.components()] == ["HeuristicScorer", "FidelityScorer", "AnalyserScorer"]
     assert combined.name == "heuristic+fidelity+analyser"
     row = combined.score([rendered(PROMPTS[0])], PROMPTS[0])[0]
-    assert set(row) == {"quality", "colour_match", *fidelity.KEYS, *filter_scorers.AnalyserScorer.KEYS}
+    assert set(row) == {"quality", "colour_match", "prompt_match", *fidelity.KEYS, *filter_scorers.AnalyserScorer.KEYS}
     assert row["fidelity_delta_e"] == 0.0
     # every judge the interact layer refuses by name, the eval builds
     for name in filter_scorers.JUDGES:

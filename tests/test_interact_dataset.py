@@ -193,7 +193,7 @@ def test_export_for_diffsynth_trainer(tmp_path, pipe, monkeypatch):
 
 def test_keep_rule_and_heuristic_scorer():
     s = HeuristicScorer()
-    a, b = {"quality": 0.5, "colour_match": 1.0}, {"quality": 0.6, "colour_match": 1.0}
+    a, b = {"quality": 0.5, "colour_match": 1.0, "prompt_match": 1.0}, {"quality": 0.6, "colour_match": 1.0, "prompt_match": 1.0}
     assert keep_pair(a, b, s, FilterConfig(margin=0.05))[0]
     assert not keep_pair(a, b, s, FilterConfig(margin=0.2))[0]
     assert keep_pair(a, b, s, FilterConfig(margin=0.15, relative=True))[0]  # +20% relative

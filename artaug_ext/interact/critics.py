@@ -315,7 +315,7 @@ def _outside(value: float, band) -> float:
 def scene_findings(image: Image.Image, scene: scenes.Scene) -> list[tuple[float, str, str, str, tuple]]:
     """(severity, category, local prompt, rationale, box) for each departure of the image from
     the scene its prompt describes: at most one per object (the worst) and one for the background."""
-    from . import word_looks as wl
+    from .. import word_looks as wl
 
     table = wl.table()
     px = wl.read_pixels(image)

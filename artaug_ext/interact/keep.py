@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 class FilterConfig:
     """When a pair is kept: enhanced beats original by `margin` on every quality score (absolute,
     or relative to |original| when `relative`), and no alignment score drops by more than
-    `alignment_tolerance`."""
+    `alignment_tolerance`. With the default 0, a pair whose enhancement changes anything the
+    prompt asks for that the scorer reads (the heuristic scorer's `prompt_match`: the named
+    colours, shape, position, lighting) is rejected."""
 
     margin: float = 0.0
     relative: bool = False
@@ -42,6 +44,11 @@ def keep_pair(original: dict, enhanced: dict, scorer: Scorer, cfg: FilterConfig)
     if not math.isfinite(gain) or gain <= cfg.margin:
         return False, f"quality gain {gain:.4g} <= margin {cfg.margin:g}", gain
     for k in scorer.alignment_keys:
-        if float(enhanced[k]) < float(original[k]) - cfg.alignment_tolerance:
+        a, b = float(original[k]), float(enhanced[k])
+        if math.isnan(a) and math.isnan(b):
+            continue  # not measurable for this prompt (outside the scorer's grammar): not judged on it
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return False, f"text alignment {k} is not finite ({a:.4g} -> {b:.4g})", gain
+        if b < a - cfg.alignment_tolerance:
             return False, f"text alignment {k} dropped {float(original[k]):.4g} -> {float(enhanced[k]):.4g}", gain
     return True, f"quality gain {gain:.4g} > margin {cfg.margin:g}", gain

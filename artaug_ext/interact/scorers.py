@@ -66,33 +66,67 @@ class Scorer:
 class HeuristicScorer(Scorer):
     """Offline stand-in for aesthetic and CLIP scores, from pixel statistics only.
 
-    `quality` (0..1) rewards each 3x3 cell for being inside the heuristic critic's targets
-    (exposure band, contrast, saturation, sharpness band; plain cells on exposure only) and
-    averages the cells, so it agrees
-    with the heuristic critic by construction: use it to test the loop, not to judge art.
-    `colour_match` (0..1) is a crude text alignment: the share of colour words of the prompt
-    whose colour covers at least 2% of the pixels.
+    A prompt of the tiny scene grammar (`scenes.parse_caption` reads it) is judged against what it
+    asks for, with what the words look like (`word_looks`, measured on training scenes; never the
+    renderer, the palette or the lighting formulas):
+
+    - `quality` (0..1): each 3x3 cell is scored on how far its exposure, contrast, saturation and
+      sharpness lie outside the range training images under the prompt's lighting word show
+      (`word_looks` `lightings`; plain cells on exposure only), in units of that range, and the
+      cells are averaged. A faithful "dim light" image is not pulled toward mid-grey.
+    - `colour_match` (0..1): the share of the main object's colour and the background colour
+      that the caption analyser reads as named.
+    - `prompt_match` (0..1): the share of the analyser's attributes (main object's colour, shape
+      and position, background colour, lighting) that read as the prompt says. The filter's
+      alignment guard rejects a pair whose enhancement changes any of them.
+
+    Any other prompt keeps the scorer's behaviour from before it read prompts: `quality` rewards
+    each cell for being inside the heuristic critic's fixed targets (exposure band, contrast,
+    saturation, sharpness band; plain cells on exposure only), `colour_match` is the share of
+    colour words of the prompt whose colour covers at least 2% of the pixels, and `prompt_match`
+    is NaN (not measurable: the pair is not judged on it). Either way it agrees with the heuristic
+    critic by construction: use it to test the loop, not to judge art.
     """
 
     name = "heuristic"
+    version = "2"
     quality_keys = ("quality",)
-    alignment_keys = ("colour_match",)
+    alignment_keys = ("colour_match", "prompt_match")
 
     @staticmethod
-    def _cell_quality(st: dict) -> float:
-        def band(v, lo, hi, width):
-            d = lo - v if v < lo else (v - hi if v > hi else 0.0)
-            return max(0.0, 1.0 - d / width)
+    def _band(v: float, lo: float, hi: float, width: float) -> float:
+        d = lo - v if v < lo else (v - hi if v > hi else 0.0)
+        return max(0.0, 1.0 - d / width)
 
+    @classmethod
+    def _cell_quality(cls, st: dict) -> float:
         exposure = max(0.0, 1.0 - abs(exposure_error(st)) / 0.3)
         if st["contrast"] < UNIFORM_CONTRAST:
             return exposure  # a plain area: judged on exposure only, as the critic does
-        terms = [exposure, band(st["contrast"], MIN_CONTRAST, 1.0, MIN_CONTRAST),
-                 band(st["saturation"], MIN_SATURATION, 1.0, MIN_SATURATION),
-                 band(st["sharpness"], *SHARPNESS_BAND, 0.3)]
+        terms = [exposure, cls._band(st["contrast"], MIN_CONTRAST, 1.0, MIN_CONTRAST),
+                 cls._band(st["saturation"], MIN_SATURATION, 1.0, MIN_SATURATION),
+                 cls._band(st["sharpness"], *SHARPNESS_BAND, 0.3)]
         return float(np.mean(terms))
 
-    def quality(self, image: Image.Image) -> float:
+    @classmethod
+    def _lit_cell_quality(cls, st: dict, bands: dict) -> float:
+        """A cell against the ranges training cells show under the prompt's lighting word."""
+        def term(key):
+            lo, hi = bands[key]
+            return cls._band(st[key], lo, hi, max(hi - lo, 1e-3))
+
+        if st["contrast"] < UNIFORM_CONTRAST:
+            return term("exposure")
+        return float(np.mean([term(k) for k in ("exposure", "contrast", "saturation", "sharpness")]))
+
+    def quality(self, image: Image.Image, prompt: str = "") -> float:
+        from .. import scenes, word_looks
+
+        scene = scenes.parse_caption(prompt) if prompt else None
+        if scene is not None:
+            bands = word_looks.table()["lightings"][scene.lighting]
+            cells = word_looks.grid_cells(word_looks.read_pixels(image))
+            return float(np.mean([self._lit_cell_quality(region_stats(c), bands) for c in cells]))
         px = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
         h, w = px.shape[:2]
         cells = [px[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3] for r in range(3) for c in range(3)]
@@ -100,6 +134,7 @@ class HeuristicScorer(Scorer):
 
     @staticmethod
     def colour_match(image: Image.Image, prompt: str) -> float:
+        """The share of the prompt's colour words found in the image (for prompts outside the grammar)."""
         words = [w.strip(".,;:!?").lower() for w in prompt.split()]
         wanted = [w for w in dict.fromkeys(words) if w in COLOURS]
         if not wanted:
@@ -111,9 +146,24 @@ class HeuristicScorer(Scorer):
         share = {n: float((nearest == i).mean()) for i, n in enumerate(names)}
         return float(np.mean([share[w] >= 0.02 for w in wanted]))
 
+    def alignment(self, image: Image.Image, prompt: str) -> dict[str, float]:
+        """colour_match and prompt_match (see the class docstring)."""
+        from .. import analyse, scenes
+
+        scene = scenes.parse_caption(prompt) if prompt else None
+        if scene is None:
+            return {"colour_match": self.colour_match(image, prompt), "prompt_match": float("nan")}
+        hits = analyse.matches(analyse.analyse(image, scene), scene)
+        return {"colour_match": (hits["colour"] + hits["background"]) / 2,
+                "prompt_match": sum(hits.values()) / len(hits)}
+
     def score(self, images, prompt):
-        return [{"quality": round(self.quality(im), 6), "colour_match": round(self.colour_match(im, prompt), 6)}
-                for im in images]
+        out = []
+        for im in images:
+            row = {"quality": round(self.quality(im, prompt), 6)}
+            row.update({k: round(v, 6) for k, v in self.alignment(im, prompt).items()})
+            out.append(row)
+        return out
 
 
 def _metric_folder(subfolder: str, model_dir: str | None) -> str:
@@ -199,12 +249,14 @@ class CombinedScorer(Scorer):
 class AnalyserScorer(Scorer):
     """Text alignment of the tiny model's images: the caption analyser (`artaug_ext.analyse`)
     reads the main object's colour, shape and position and the background colour, and each
-    is compared with what the prompt says (prompts of the scene grammar; others score NaN
-    and are left out of the statistics). `match` is the share of the four that agree."""
+    is compared with what the prompt says, and so is the lighting, read against the prompt's
+    words (prompts of the scene grammar; others score NaN and are left out of the statistics).
+    `match` is the share of the five that agree."""
 
     name = "analyser"
+    version = "2"
     alignment_keys = ("match",)
-    KEYS = ("match", "colour", "shape", "position", "background")
+    KEYS = ("match", "colour", "shape", "position", "background", "lighting")
 
     def score(self, images, prompt):
         from .. import analyse, scenes
@@ -215,7 +267,7 @@ class AnalyserScorer(Scorer):
             if scene is None:
                 out.append({k: float("nan") for k in self.KEYS})
                 continue
-            hits = analyse.matches(analyse.analyse(image), scene)
+            hits = analyse.matches(analyse.analyse(image, scene), scene)
             row = {k: float(v) for k, v in hits.items()}
             row["match"] = sum(hits.values()) / len(hits)
             out.append(row)

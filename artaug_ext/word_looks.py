@@ -16,7 +16,12 @@ script writes:
   border ring, and its spread;
 - `shapes`: per shape word, the range of extent (area over bounding box) and solidity (area
   over convex hull) of training objects;
-- `speckle`: the largest share of speckled pixels at a training object's edge.
+- `speckle`: the largest share of speckled pixels at a training object's edge;
+- `lightings`: per lighting word, the range (1st..99th percentile) of exposure, contrast,
+  saturation and sharpness of the 3x3 cells (`grid_cells`) of training images under it: what
+  the heuristic scorer's quality expects of an image that names that lighting.
+
+The critic, the heuristic scorer and the caption analyser read this one table.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from ..analyse import srgb_to_lab
+from .colours import srgb_to_lab
 
 SIZE = 128  # the side every image is read at (box-filtered)
 SEARCH_MARGIN = 0.03  # an object may sit this far (fraction of the side) outside its word's box
@@ -40,7 +45,7 @@ SPECKLE = 0.2  # RGB distance from the 3x3 median that makes an edge pixel a spe
 @functools.lru_cache(maxsize=1)
 def table() -> dict:
     """The calibrated table (see the module docstring)."""
-    return json.loads(resources.files("artaug_ext.interact").joinpath("word_looks.json").read_text("utf-8"))
+    return json.loads(resources.files("artaug_ext").joinpath("assets/word_looks.json").read_text("utf-8"))
 
 
 def read_pixels(image) -> np.ndarray:
@@ -51,6 +56,12 @@ def read_pixels(image) -> np.ndarray:
     if image.size != (SIZE, SIZE):
         image = image.resize((SIZE, SIZE), Image.BOX)
     return np.asarray(image, dtype=np.float64) / 255.0
+
+
+def grid_cells(px: np.ndarray) -> list[np.ndarray]:
+    """The 3x3 grid of an image's pixels, row by row."""
+    h, w = px.shape[:2]
+    return [px[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3] for r in range(3) for c in range(3)]
 
 
 def pixel_box(box, margin: float = 0.0) -> tuple[int, int, int, int]:
