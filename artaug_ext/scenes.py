@@ -206,6 +206,26 @@ def held_out_scene(index: int, lighting: str = "normal") -> Scene:
     return scene
 
 
+def held_out_multi_scene(index: int, lighting: str = "normal") -> Scene:
+    """The `index`-th held-out scene of two or three objects: the main (large) object forms a
+    held-out combination with the plain background, the small ones do not, so the main object's
+    combination is the scene's only one never trained on (`random_scene(held_out=True)` draws
+    one object only)."""
+    rng = random.Random(20_000_000 + index)
+    while True:
+        n = rng.choice([2, 3])
+        bg = rng.choice(COLOURS)
+        objects = [ShapeSpec(rng.choice(COLOURS), rng.choice(SHAPES), pos, "large" if i == 0 else "small")
+                   for i, pos in enumerate(rng.sample(list(POSITIONS), n))]
+        flags = [is_held_out(o.colour, o.shape, o.position, bg) for o in objects]
+        if (flags[0] and not any(flags[1:]) and all(_valid_pair(o.colour, bg) for o in objects)
+                and not _overlap(objects)):
+            break
+    scene = Scene(objects=objects, background=bg, lighting=lighting, say_lighting=lighting != "normal", seed=1)
+    scene.caption = describe(scene)
+    return scene
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 

@@ -1,36 +1,46 @@
 """Does the method work? ArtAug's differential LoRA on the embedded tiny model, measured on
-HELD-OUT prompts and seeds that never entered training.
+HELD-OUT prompts and seeds that never entered training, against the exact scenes they describe.
 
-Training: `artaug run` on procedural scenes of the tiny model's training grammar under lighting
-the heuristic critic finds fault with (dim, overexposed, backlit, bright), the heuristic critic
-and scorer, 2 rounds. Held out: `tiny-heldout-lit` (attribute combinations the tiny model never
-saw, under the same lighting conditions and normal light) with seeds from 10000.
+Training: `artaug run` on procedural scenes of the tiny model's training grammar (one to three
+objects: with one object every local prompt of the heuristic critic is the global prompt, an
+identity blend that is dropped) under the held-out set's lightings in turn, the heuristic critic
+and scorer, 2 rounds. Held out: `tiny-heldout-lit/dev` (or /test; `--heldout multi`: the
+multi-object set), attribute combinations the tiny model never saw, with seeds from 10000.
+Settings are chosen on dev; test is measured once, for the configuration chosen there.
 
 Arms, each against the base model on the same held-out prompts and seeds:
-  batched-1     the batched differential LoRA after round 1
+  batched-1     the batched differential LoRA after round 1 (stage 1 + stage 2 steps)
   batched-2     after round 2 (round 1 + round 2, the run's final LoRA before truncation)
-  per-pair      a LoRA_1/LoRA_2 per pair of round 1 (a subset of its pairs when --per-pair-pairs
-                caps them), averaged exactly
-  sft           one LoRA on round 1's enhanced images only (the ablation)
-  tone          NO training: the base's own images with a global tone correction (auto-contrast,
-                then a gamma that moves mean luma to 0.45). The heuristic that filters pairs also
-                scores them, so a LoRA that only learned a global tone shift must not pass for
-                the method working: this arm shows what such a shift alone scores.
+  sft           one LoRA on round 1's enhanced images only, trained for stage 1 + stage 2 steps
+                (the same optimizer steps as batched-1), on the same latent cache
+  per-pair      (--per-pair) a LoRA_1/LoRA_2 per pair of round 1 (a subset: --per-pair-pairs), averaged
+  tone          NO training: the base's own images, globally tone-corrected (auto-contrast, then a
+                gamma that moves mean luma to 0.45)
+  cells         NO training: the base's own images with the cells the critic flags (the boxes of its
+                usable suggestions) tone-corrected, each on its own
+  oracle        NO training: regional enhancement at inference, the base generating each held-out
+                prompt with the critic's usable suggestions on its own base image blended in
+                (interact/enhance.py); an image with none is the base image itself
+--full-res trains the differential and sft LoRAs at the generation resolution (default: 128 px).
 
-Measures (win rate = share of pairs where the arm's image scores higher, ties half; 95%
-bootstrap interval over prompts with their seeds nested):
-  quality       the heuristic scorer's quality (the filter's own score)
-  separation    Delta E between the analyser-segmented object and its background: a measure that
-                played no part in selecting pairs (the critic and scorer judge 3x3 cells of pixel
-                statistics; neither segments the object), so it checks whether the images got
-                better in a way the selection did not reward by construction
-  alignment     the caption analyser's match rate (colour, shape, position, background)
+Measures (win rate = share of pairs where the arm's image is better, ties half; 95% bootstrap
+interval over prompts, seeds nested; eval/stats.py):
+  render fidelity   fidelity_delta_e (mean Delta E*ab) and fidelity_rgb (mean absolute RGB error)
+                    against `scenes.render` of the prompt's scene: lower is better (the headline)
+  lighting          fidelity_lighting: the share of images whose nearest lighting render is the named one
+  alignment         the caption analyser's match rate (colour, shape, position, background)
+  selection score   the heuristic scorer's quality: the filter's own score (selection score: not
+                    independent; a LoRA trained on the pairs it preferred is expected to raise it)
 
-Target: batched beats the base with the win-rate interval's lower bound above 50% on quality,
-while alignment drops by no more than 5 points. Every arm is reported as measured.
+Target: batched improves render fidelity (the Delta E win rate's interval above 50%), lighting
+accuracy no more than 2 points down, and batched-1 no worse than sft at equal steps on Delta E.
 
-    python benchmarks/bench_method.py --out runs/bench_method            # about 15-25 min on 2 cores
-    python benchmarks/bench_method.py --out /tmp/bm --quick              # a few minutes, small numbers
+Every run appends its configuration to a ledger (--ledger, default beside --out), so the JSON says
+how many configurations were run on dev before the reported one.
+
+    python benchmarks/bench_method.py --out runs/bench_method_dev                  # dev, the mandatory arms
+    python benchmarks/bench_method.py --out runs/bench_method_test --split test    # once, the chosen settings
+    python benchmarks/bench_method.py --out /tmp/bm --quick                        # a few minutes, small numbers
 """
 
 from __future__ import annotations
@@ -43,18 +53,25 @@ import time
 
 import numpy as np
 
+SELECTION = "heuristic"  # the run's filter scorer
+SCORER = "heuristic+fidelity+analyser"
+HEADLINE = ("fidelity_delta_e", "fidelity_rgb", "fidelity_lighting", "match", "quality")
+EVAL_SEED = 10_000
+
 
 def training_prompts(n: int) -> list[str]:
-    """Training-grammar captions, one object each, under the held-out set's departures from normal light in turn."""
+    """Training-grammar captions of one, two and three objects in turn (a third each: the grammar's
+    own draw gives mostly one, whose local prompts are all identities), under the held-out set's
+    departures from normal light in turn; none is a held-out combination (`held_out=False`)."""
     from artaug_ext import scenes
     from artaug_ext.eval.prompts import heldout_lightings
 
     lightings = [x for x in heldout_lightings() if x != "normal"]
     out, i = [], 0
     while len(out) < n:
-        s = scenes.random_scene(20_000 + i, max_objects=1, held_out=False, lighting=lightings[len(out) % len(lightings)])
+        s = scenes.random_scene(20_000 + i, max_objects=3, held_out=False, lighting=lightings[len(out) % len(lightings)])
         i += 1
-        if s.caption not in out:
+        if len(s.objects) == len(out) % 3 + 1 and s.caption not in out:
             out.append(s.caption)
     return out
 
@@ -70,26 +87,82 @@ def tone_correct(image):
     return Image.fromarray(np.clip(255 * x ** gamma + 0.5, 0, 255).astype(np.uint8))
 
 
-def parse_args() -> argparse.Namespace:
+def box_pixels(box, width: int, height: int) -> tuple[int, int, int, int]:
+    """A normalised (x0, y0, x1, y1) box as pixel bounds, at least one pixel each way."""
+    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
+    x1, y1 = max(int(round(box[2] * width)), x0 + 1), max(int(round(box[3] * height)), y0 + 1)
+    return min(x0, width - 1), min(y0, height - 1), min(x1, width), min(y1, height)
+
+
+def tone_correct_cells(image, boxes):
+    """The image with each box tone-corrected on its own statistics (`tone_correct` of the crop)."""
+    out = image.convert("RGB").copy()
+    for box in boxes:
+        x0, y0, x1, y1 = box_pixels(box, *out.size)
+        out.paste(tone_correct(image.convert("RGB").crop((x0, y0, x1, y1))), (x0, y0))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=("dev", "test"), default="dev",
+                   help="the held-out part measured: choose settings on dev, report test once (default dev)")
+    p.add_argument("--heldout", choices=("lit", "multi"), default="lit",
+                   help="tiny-heldout-lit (one object) or tiny-heldout-multi (two or three objects)")
     p.add_argument("--train-prompts", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=40, help="steps per stage")
+    p.add_argument("--steps", type=int, default=40, help="steps per stage (sft: twice this)")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of every stage")
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--eval-seeds", type=int, default=2)
+    p.add_argument("--full-res", action="store_true", help="train every LoRA at the generation resolution")
+    p.add_argument("--per-pair", action="store_true", help="also the per-pair arm")
     p.add_argument("--per-pair-pairs", type=int, default=6, help="pairs of round 1 for the per-pair arm")
+    p.add_argument("--model", default="tiny", help="tiny (tiny-random: plumbing only, its images are noise)")
+    p.add_argument("--size", type=int, default=None, help="generation size (default: the model's)")
+    p.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--ledger", default=None, help="configurations run so far (default: OUT/../bench_method_ledger.jsonl)")
+    p.add_argument("--prior-dev-configs", type=int, default=0,
+                   help="configurations measured on these held-out prompts outside the ledger (before it existed)")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the plumbing in a few minutes")
     p.add_argument("--json", default=None, help="write the figures here (default: OUT/method.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.train_prompts, args.steps, args.eval_prompts, args.per_pair_pairs = 8, 10, 10, 2
     return args
 
 
-def train_arms(args, out: str, train_settings: dict):
-    """The run (batched arms, one per round) and the per-pair and sft LoRAs on round 1's pairs."""
+def train_settings(args) -> dict:
+    from artaug_ext.pipeline import default_size
+
+    resolution = None if args.full_res else min(128, args.size or default_size(args.model))
+    return dict(mode="batched", rank=8, lr=args.lr, steps_stage1=args.steps, steps_stage2=args.steps, batch_size=4,
+                resolution=resolution, checkpoint_every=10)
+
+
+def configuration(args) -> dict:
+    """What the figures depend on besides the split: the settings a choice on dev is made among."""
+    return {"model": args.model, "size": args.size, "gen_steps": args.gen_steps, "train_prompts": args.train_prompts,
+            "rounds": args.rounds, "train": train_settings(args), "heldout": args.heldout,
+            "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds, "per_pair": args.per_pair,
+            "per_pair_pairs": args.per_pair_pairs if args.per_pair else None}
+
+
+def ledger_counts(path: str, config: dict) -> dict:
+    """From the ledger: the configurations run on dev other than `config`, whether `config` was
+    run on dev, and how many times test was measured before."""
+    from artaug_ext.files import read_jsonl
+
+    records = read_jsonl(path, repair=True, what="bench ledger")
+    same = json.dumps(config, sort_keys=True)
+    dev = {json.dumps(r["config"], sort_keys=True) for r in records if r["split"] == "dev"}
+    return {"dev_configs_before": len(dev - {same}), "config_run_on_dev": same in dev,
+            "test_runs_before": sum(r["split"] == "test" for r in records)}
+
+
+def train_arms(args, out: str, settings: dict):
+    """The run (batched arms, one per round), and the sft (and per-pair) LoRAs on round 1's cache."""
     from artaug_ext.eval.run import Arm
     from artaug_ext.interact.pairs import read_pairs
     from artaug_ext.pipeline import load_pipeline
@@ -99,108 +172,216 @@ def train_arms(args, out: str, train_settings: dict):
     from artaug_ext.train.cache import load_cache
     from artaug_ext.train.differential import LoRATrainSettings, train_round_lora
 
+    data = {"prompts": training_prompts(args.train_prompts), "steps": args.gen_steps or 8}
+    if args.size:
+        data["size"] = args.size
     recipe = recipe_from_dict({
-        "run": {"model": "tiny", "rounds": args.rounds, "seed": 0, "stop_mean_gain": -1.0, "name": "bench_method"},
-        "data": {"prompts": training_prompts(args.train_prompts), "steps": 8},
-        "critic": {"backend": "heuristic"}, "filter": {"scorer": "heuristic"}, "train": train_settings})
+        "run": {"model": args.model, "rounds": args.rounds, "seed": 0, "stop_mean_gain": -1.0, "name": "bench_method"},
+        "data": data, "critic": {"backend": "heuristic"}, "filter": {"scorer": SELECTION}, "train": settings})
     t0 = time.perf_counter()
     summary = run_recipe(recipe, os.path.join(out, "run"), progress=False)
     run_seconds = time.perf_counter() - t0
     arms = [Arm("base")] + [Arm(name.replace("round-", "batched-"), loras)
                             for name, loras in cumulative_round_loras(os.path.join(out, "run"))]
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline(args.model)
     folder = round_dir(os.path.join(out, "run"), 1)
     pairs = read_pairs(os.path.join(folder, "interact"))
-    cache = load_cache(os.path.join(folder, "cache"), [q.id for q in pairs])
-    chosen = sorted(range(len(pairs)), key=lambda i: -(pairs[i].gain or 0))[:args.per_pair_pairs]
-    for mode, sub, name in (("per-pair", cache.subset(sorted(chosen)), "per-pair"), ("sft", cache, "sft")):
-        settings = LoRATrainSettings(**{**train_settings, "mode": mode, "batch_size": 1 if mode == "per-pair" else 4})
-        lora = train_round_lora(pipe.dit, sub, settings, os.path.join(out, name), progress=False)
-        arms.append(Arm(name, [(lora.path, 1.0)]))
-    return recipe, summary, arms, pipe, chosen, run_seconds
+    chosen = []
+    if pairs:
+        cache = load_cache(os.path.join(folder, "cache"), [q.id for q in pairs])
+        trainings = [("sft", cache, {"mode": "sft", "steps_stage2": settings["steps_stage1"] + settings["steps_stage2"]})]
+        if args.per_pair:
+            chosen = sorted(range(len(pairs)), key=lambda i: -(pairs[i].gain or 0))[:args.per_pair_pairs]
+            trainings.append(("per-pair", cache.subset(sorted(chosen)), {"mode": "per-pair", "batch_size": 1}))
+        for name, sub, change in trainings:
+            lora = train_round_lora(pipe.dit, sub, LoRATrainSettings(**{**settings, **change}), os.path.join(out, name),
+                                    progress=False)
+            arms.append(Arm(name, [(lora.path, 1.0)]))
+    return recipe, summary, arms, pipe, len(chosen), run_seconds
 
 
-def tone_control(out: str, prompts, seeds: int, scorer: str, pipe) -> dict:
-    """The control: the base's own held-out images, tone-corrected, against themselves."""
+def suggestion_counts(out: str, rounds: list[dict]) -> list[dict]:
+    """Per round: the critic's suggestions, and how many had a usable local prompt (not the global
+    prompt: the regional blend of the others is an identity, so the loop dropped them)."""
+    from artaug_ext.files import read_jsonl
+    from artaug_ext.recipe.layout import round_dir
+
+    rows = []
+    for r in rounds:
+        records = read_jsonl(os.path.join(round_dir(os.path.join(out, "run"), r["round"]), "interact", "manifest.jsonl"),
+                             what="manifest")
+        usable = sum(len(x.get("suggestions", ())) for x in records)
+        made = usable + sum(x.get("identity_suggestions", 0) for x in records)
+        rows.append({"round": r["round"], "suggestions": made, "usable": usable,
+                     "usable_share": usable / made if made else None})
+    return rows
+
+
+def control_arms(out: str, cfg, pipe) -> dict:
+    """The arms without training, from the base's held-out images (already in OUT/eval): tone, cells
+    and oracle, written into OUT/control beside a copy of the base, then scored like the eval."""
     from artaug_ext.eval.layout import image_path
-    from artaug_ext.eval.run import Arm, EvalConfig, run_eval
+    from artaug_ext.eval.run import Arm, EvalConfig, item_seed, run_eval
     from artaug_ext.files import atomic_write_bytes
+    from artaug_ext.interact.critics import make_critic
+    from artaug_ext.interact.enhance import enhance
     from artaug_ext.interact.images import load_image, png_bytes
+    from artaug_ext.interact.parse import split_identities
+    from artaug_ext.pipeline import default_size, default_steps, t5_sequence_length
 
     ctrl_dir = os.path.join(out, "control")
-    ctrl = EvalConfig(model="tiny", arms=[Arm("base"), Arm("tone")], prompts=prompts, seeds=seeds, seed=10_000,
-                      scorer=scorer, n_boot=2000)
-    for pi in range(len(prompts)):
-        for k in range(seeds):
-            src = image_path(os.path.join(out, "eval"), "base", pi, k)
-            for arm, image in (("base", load_image(src)), ("tone", tone_correct(load_image(src)))):
-                dst = image_path(ctrl_dir, arm, pi, k)
+    ctrl = EvalConfig(model=cfg.model, arms=[Arm("base"), Arm("tone"), Arm("cells"), Arm("oracle")], prompts=cfg.prompts,
+                      seeds=cfg.seeds, seed=cfg.seed, steps=cfg.steps, width=cfg.width, height=cfg.height,
+                      scorer=cfg.scorer, n_boot=cfg.n_boot, selection_scorer=cfg.selection_scorer)
+    critic = make_critic("heuristic")
+    size = cfg.width or default_size(cfg.model)
+    enhanced = 0
+    for p, item in enumerate(cfg.prompts):
+        for k in range(cfg.seeds):
+            base = load_image(image_path(os.path.join(out, "eval"), "base", p, k))
+            usable, _ = split_identities(critic.critique(base, item.prompt).suggestions, item.prompt)
+
+            def oracle(usable=usable, p=p, k=k, prompt=item.prompt, base=base):
+                if not usable:
+                    return base  # nothing to blend in: the base image itself
+                return enhance(pipe, prompt, usable, seed=item_seed(cfg, p, k), steps=cfg.steps or default_steps(cfg.model),
+                               height=size, width=size, t5_sequence_length=t5_sequence_length(cfg.model),
+                               embedded_guidance=cfg.guidance)
+
+            makers = {"base": lambda base=base: base, "tone": lambda base=base: tone_correct(base),
+                      "cells": lambda base=base, usable=usable: tone_correct_cells(base, [s.box for s in usable]),
+                      "oracle": oracle}
+            enhanced += bool(usable)
+            for arm, make in makers.items():
+                dst = image_path(ctrl_dir, arm, p, k)
                 if not os.path.isfile(dst):
-                    atomic_write_bytes(dst, png_bytes(image))
-    return run_eval(ctrl, ctrl_dir, pipe=pipe, progress=False)
+                    atomic_write_bytes(dst, png_bytes(make()))
+    result = run_eval(ctrl, ctrl_dir, pipe=pipe, progress=False)
+    result["oracle_enhanced_images"] = enhanced
+    return result
 
 
 def arm_rows(comparisons: dict) -> list[dict]:
+    """Per arm, the headline metrics: means (base -> arm), mean difference, win rate with its
+    interval, by category, and whether the row is the filter's own score."""
     rows = []
-    for arm, m in comparisons.items():
-        q, s, a = m["quality"], m["separation"], m["match"]
-        rows.append({"arm": arm, "quality_win": q["win_rate"], "quality_win_ci": q["win_ci"], "quality_diff": q["mean_diff"],
-                     "separation_win": s["win_rate"], "separation_win_ci": s["win_ci"], "separation_diff": s["mean_diff"],
-                     "alignment_base": a["mean_b"], "alignment_arm": a["mean_a"],
-                     "alignment_drop_points": 100 * (a["mean_b"] - a["mean_a"]),
-                     "target_met": bool(q["win_ci"][0] > 0.5 and 100 * (a["mean_b"] - a["mean_a"]) <= 5)})
+    for arm, metrics in comparisons.items():
+        row = {"arm": arm}
+        for name in HEADLINE:
+            m = metrics.get(name)
+            if m is None or "skipped" in m:
+                row[name] = {"skipped": (m or {}).get("skipped", "not scored")}
+                continue
+            row[name] = {"base": m["mean_b"], "arm": m["mean_a"], "diff": m["mean_diff"], "win": m["win_rate"],
+                         "win_ci": m["win_ci"], "selection": bool(m.get("selection")),
+                         "by_category": {c: {"n": v["n"], "base": v["mean_b"], "arm": v["mean_a"], "win": v["win_rate"]}
+                                         for c, v in m.get("by_category", {}).items()}}
+        rows.append(row)
     return rows
+
+
+def target(rows: list[dict]) -> dict:
+    """The target, per batched arm: Delta E win interval above 50%, lighting accuracy at most 2
+    points down, and (batched-1) a mean Delta E no higher than sft's at equal steps."""
+    by = {r["arm"]: r for r in rows}
+    out = {}
+    for name, r in by.items():
+        if not name.startswith("batched-") or "win" not in r["fidelity_delta_e"]:
+            continue
+        de, light = r["fidelity_delta_e"], r["fidelity_lighting"]
+        checks = {"delta_e_win_above_50": de["win_ci"][0] > 0.5,
+                  "lighting_within_2_points": "base" in light and 100 * (light["base"] - light["arm"]) <= 2}
+        sft = by.get("sft", {}).get("fidelity_delta_e", {})
+        if name == "batched-1" and "arm" in sft:
+            checks["not_worse_than_sft"] = de["arm"] <= sft["arm"]
+        out[name] = {**checks, "met": all(checks.values())}
+    return out
+
+
+def _cell(m: dict, pct: bool = False) -> str:
+    if "skipped" in m:
+        return "n/a"
+    lo, hi = m["win_ci"]
+    value = f"{m['base']:.1%}->{m['arm']:.1%}" if pct else f"{m['base']:.2f}->{m['arm']:.2f}"
+    return f"{value} win {m['win']:.0%} [{lo:.0%},{hi:.0%}]"
 
 
 def print_figures(figures: dict, path: str) -> None:
     held = figures["held_out"]
-    print(f"held-out: {held['prompts']} prompts x {held['seeds']} seeds (tiny-heldout-lit, seeds from 10000); "
-          f"trained on {figures['training_prompts']} prompts, {len(figures['rounds'])} round(s)")
-    for r in figures["rounds"]:
-        print(f"  round {r['round']}: {r['kept']} of {r['items']} kept, mean gain {r['mean_gain']:.4f}")
-    print(f"{'arm':<11}{'quality win [95% CI]':<28}{'separation win [95% CI]':<30}{'alignment (base -> arm)':<26}target")
+    led = figures["ledger"]
+    print(f"held-out: {held['set']} ({held['prompts']} prompts x {held['seeds']} seeds from {EVAL_SEED}), split "
+          f"{held['split'].upper()}; {led['dev_configs_before']} configuration(s) run on dev before this one"
+          + (f"; test measured {led['test_runs_before']} time(s) before" if held["split"] == "test" else ""))
+    res = figures["settings"]["resolution"]
+    print(f"trained on {figures['training_prompts']} prompts (1-3 objects), {len(figures['rounds'])} round(s), "
+          f"LoRAs at {f'{res} px' if res else 'the generation resolution'}; sft {figures['settings']['sft_steps']} steps")
+    for r, s in zip(figures["rounds"], figures["suggestions"], strict=True):
+        share = "" if s["usable_share"] is None else f" ({s['usable_share']:.0%})"
+        print(f"  round {r['round']}: {r['kept']} of {r['items']} kept, mean gain {r['mean_gain']:.4f}; "
+              f"{s['usable']} of {s['suggestions']} suggestions had a usable local prompt{share}")
+    print(f"{'arm':<10}{'Delta E (lower better)':<36}{'RGB error (lower better)':<36}{'lighting accuracy':<36}"
+          f"{'alignment':<36}quality (selection score: not independent)")
     for r in figures["arms"]:
-        qlo, qhi = r["quality_win_ci"]
-        slo, shi = r["separation_win_ci"]
-        print(f"{r['arm']:<11}{r['quality_win']:.1%} [{qlo:.1%}, {qhi:.1%}]{'':<6}"
-              f"{r['separation_win']:.1%} [{slo:.1%}, {shi:.1%}]{'':<8}"
-              f"{r['alignment_base']:.1%} -> {r['alignment_arm']:.1%}{'':<8}{'met' if r['target_met'] else 'missed'}")
+        print(f"{r['arm']:<10}{_cell(r['fidelity_delta_e']):<36}{_cell(r['fidelity_rgb']):<36}"
+              f"{_cell(r['fidelity_lighting'], True):<36}{_cell(r['match'], True):<36}{_cell(r['quality'])}")
+    print("by category (Delta E, base -> arm, win rate):")
+    for r in figures["arms"]:
+        cats = r["fidelity_delta_e"].get("by_category", {})
+        print(f"  {r['arm']:<10}" + "  ".join(f"{c}: {v['base']:.1f}->{v['arm']:.1f} {v['win']:.0%}"
+                                              for c, v in sorted(cats.items())))
+    for name, t in figures["target"].items():
+        print(f"target {name}: {'met' if t['met'] else 'missed'} "
+              f"({', '.join(k for k, v in t.items() if k != 'met' and not v) or 'every check passed'})")
     print(f"figures: {path}  ({figures['seconds']['total']:.0f} s)")
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
 
     torch.set_num_threads(int(os.environ.get("ARTAUG_THREADS", "2")))
     from artaug_ext.eval.prompts import read_prompt_set
     from artaug_ext.eval.run import EvalConfig, run_eval
+    from artaug_ext.files import append_line
 
-    t0 = time.perf_counter()
     out = os.path.abspath(args.out)
-    train_settings = dict(mode="batched", rank=8, lr=args.lr, steps_stage1=args.steps, steps_stage2=args.steps, batch_size=4,
-                          resolution=128, checkpoint_every=10)
-    recipe, summary, arms, pipe, chosen, t_run = train_arms(args, out, train_settings)
+    heldout = f"tiny-heldout-{args.heldout}/{args.split}:{args.eval_prompts}"
+    prompts = read_prompt_set(heldout)  # a count beyond the part: a one-line error before any training
+    ledger = args.ledger or os.path.join(os.path.dirname(out), "bench_method_ledger.jsonl")
+    config = configuration(args)
+    counts = ledger_counts(ledger, config)
+    counts["dev_configs_before"] += args.prior_dev_configs
+    if args.split == "test" and not counts["config_run_on_dev"]:
+        print("note: this configuration was never run on dev (per the ledger): choose settings on dev first",
+              file=sys.stderr)
+    t0 = time.perf_counter()
+    settings = train_settings(args)
+    recipe, summary, arms, pipe, n_pairs, t_run = train_arms(args, out, settings)
     t_train = time.perf_counter() - t0
-
-    prompts = read_prompt_set(f"tiny-heldout-lit:{args.eval_prompts}")
     trained = set(recipe.prompts())
     assert not trained & {it.prompt for it in prompts}, "a held-out prompt was trained on"
-    scorer = "heuristic+separation+analyser"
-    cfg = EvalConfig(model="tiny", arms=arms, prompts=prompts, seeds=args.eval_seeds, seed=10_000, scorer=scorer,
-                     n_boot=2000)
+    cfg = EvalConfig(model=args.model, arms=arms, prompts=prompts, seeds=args.eval_seeds, seed=EVAL_SEED,
+                     steps=args.gen_steps, width=args.size, height=args.size, scorer=SCORER, n_boot=2000,
+                     selection_scorer=SELECTION)
     result = run_eval(cfg, os.path.join(out, "eval"), pipe=pipe, progress=False)
-    control = tone_control(out, prompts, args.eval_seeds, scorer, pipe)
+    t_eval = time.perf_counter() - t0 - t_train
+    control = control_arms(out, cfg, pipe)
     rows = arm_rows({**result["comparisons"], **control["comparisons"]})
-    figures = {"rounds": summary["rounds"], "arms": rows, "held_out": {"prompts": len(prompts), "seeds": args.eval_seeds,
-                                                                       "set": f"tiny-heldout-lit:{args.eval_prompts}"},
-               "training_prompts": len(trained), "per_pair_pairs": len(chosen), "quick": args.quick,
-               "settings": {"steps_per_stage": args.steps, "lr": args.lr, "rank": 8, "batch_size": 4, "resolution": 128},
-               "seconds": {"run": round(t_run, 1), "per_pair_and_sft": round(t_train - t_run, 1),
-                           "total": round(time.perf_counter() - t0, 1)}}
+    figures = {"rounds": summary["rounds"], "suggestions": suggestion_counts(out, summary["rounds"]), "arms": rows,
+               "target": target(rows),
+               "held_out": {"set": heldout, "split": args.split, "prompts": len(prompts), "seeds": args.eval_seeds},
+               "ledger": {"path": ledger, **counts, "prior_dev_configs": args.prior_dev_configs},
+               "configuration": config, "training_prompts": len(trained), "per_pair_pairs": n_pairs,
+               "oracle_enhanced_images": control["oracle_enhanced_images"], "quick": args.quick,
+               "selection_scorer": SELECTION, "scorer": SCORER,
+               "settings": {"steps_per_stage": args.steps, "sft_steps": 2 * args.steps, "lr": args.lr, "rank": 8,
+                            "batch_size": 4, "resolution": settings["resolution"]},
+               "seconds": {"run": round(t_run, 1), "sft_and_per_pair": round(t_train - t_run, 1),
+                           "eval": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)}}
     path = args.json or os.path.join(out, "method.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=2)
+    append_line(ledger, {"split": args.split, "config": config, "out": out, "figures": path})
     print_figures(figures, path)
     return 0
 

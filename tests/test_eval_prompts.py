@@ -54,6 +54,69 @@ def test_tiny_heldout_prompts_are_captions_of_held_out_scenes():
     assert pairs(short) == pairs(items[:7])
 
 
+def _combination(scene):
+    m = scene.main
+    return (m.colour, m.shape, m.position, scene.background)
+
+
+def test_tiny_heldout_lit_keeps_its_meaning_the_first_scenes_under_each_lighting_in_turn():
+    lightings = ["dim", "overexposed", "backlit", "bright", "normal"]  # the published order
+    items = read_prompt_set("tiny-heldout-lit")
+    assert len(items) == 256
+    assert pairs(items[:10]) == [(scenes.held_out_scene(i, lightings[i % 5]).caption, lightings[i % 5])
+                                 for i in range(10)]
+    assert pairs(read_prompt_set("tiny-heldout-lit:9")) == pairs(items[:9])
+
+
+@pytest.mark.parametrize("whole", ["tiny-heldout-lit", "tiny-heldout-multi"])
+def test_dev_and_test_split_the_set_by_combination_never_sharing_one(whole):
+    every = read_prompt_set(whole)
+    dev, test = read_prompt_set(f"{whole}/dev"), read_prompt_set(f"{whole}/test")
+    # together the whole set, each in the set's order, neither nearly empty
+    assert sorted(pairs(dev) + pairs(test)) == sorted(pairs(every))
+    assert [i for i in pairs(every) if i in set(pairs(dev))] == pairs(dev)
+    assert min(len(dev), len(test)) > len(every) // 3
+    dev_combos, test_combos = {_combination(i.scene) for i in dev}, {_combination(i.scene) for i in test}
+    assert not dev_combos & test_combos
+    # a split by index would share combinations: the set repeats them under other lightings
+    halves = ({_combination(i.scene) for i in every[:128]}, {_combination(i.scene) for i in every[128:]})
+    assert halves[0] & halves[1]
+    assert {i.category for i in dev} == {i.category for i in test} == set(scenes.LIGHTINGS)
+    assert pairs(read_prompt_set(f"{whole}/dev:5")) == pairs(dev[:5])
+
+
+def test_a_combination_is_on_the_same_side_in_the_lit_and_the_multi_set():
+    side = {}
+    for part in ("dev", "test"):
+        for item in read_prompt_set(f"tiny-heldout-lit/{part}") + read_prompt_set(f"tiny-heldout-multi/{part}"):
+            assert side.setdefault(_combination(item.scene), part) == part
+
+
+def test_tiny_heldout_multi_holds_two_or_three_objects_only_the_main_one_held_out():
+    items = read_prompt_set("tiny-heldout-multi")
+    assert len(items) == 256 and "tiny-heldout-multi" in PROMPT_SETS
+    assert {len(i.scene.objects) for i in items} == {2, 3}
+    trained = {scenes.random_scene(s, held_out=False).caption for s in range(3000)}
+    for item in items:
+        scene = item.scene
+        held = [scenes.is_held_out(o.colour, o.shape, o.position, scene.background) for o in scene.objects]
+        assert held[0] and not any(held[1:])
+        assert all(o.colour != scene.background for o in scene.objects)
+        assert scenes.parse_caption(item.prompt).to_dict() == {**scene.to_dict(), "seed": 0}
+        assert item.category == scene.lighting and item.prompt not in trained
+    assert read_prompt_set("tiny-heldout-multi:4")[3].prompt == items[3].prompt
+
+
+@pytest.mark.parametrize("spec", ["tiny-heldout-lit/dev:1000", "tiny-heldout-multi/test:257"])
+def test_a_part_asked_for_more_scenes_than_it_holds_is_a_one_line_error(spec):
+    held = len(read_prompt_set(spec.split(":")[0]))
+    with pytest.raises(UsageError, match=rf"holds {held} scenes; ask for at most {spec.split(':')[0]}:{held}") as e:
+        read_prompt_set(spec)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="at least 1"):
+        read_prompt_set("tiny-heldout-lit/dev:0")
+
+
 def test_prompt_item_equality_ignores_the_scene():
     a = PromptItem("a red circle", "circle", scenes.held_out_scene(0))
     assert a == PromptItem("a red circle", "circle") and hash(a) == hash(PromptItem("a red circle", "circle"))

@@ -129,9 +129,14 @@ def run(args) -> int:
     from ..eval.run import EvalConfig, format_table, run_eval
     from .interact import set_threads
 
+    selection = None
+    if args.run_dir:
+        from ..recipe.layout import filter_scorer_of
+
+        selection = filter_scorer_of(args.run_dir)
     cfg = EvalConfig(model=args.model, arms=arms, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
                      width=width, height=height, guidance=args.guidance, scorer=args.scorer,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, selection_scorer=selection)
     cfg.validate()
     set_threads(args.threads, args.device)
     result = run_eval(cfg, args.out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)

@@ -32,10 +32,16 @@ from ..files import read_text_lines
 
 logger = logging.getLogger(__name__)
 
-PROMPT_SETS = ("default", "default/train", "default/test", "tiny-heldout", "tiny-heldout-lit")
+PROMPT_SETS = ("default", "default/train", "default/test", "tiny-heldout", "tiny-heldout-lit", "tiny-heldout-lit/dev",
+               "tiny-heldout-lit/test", "tiny-heldout-multi", "tiny-heldout-multi/dev", "tiny-heldout-multi/test")
 # default/test is every 5th prompt of the default set (60), default/train the other 240: a recipe
 # trains on one and evaluates on the other, never on a prompt it learned from.
 TEST_EVERY = 5
+# The tiny held-out sets' dev and test parts split the first TINY_HELDOUT_SIZE scenes of the set by
+# the main object's held-out combination (`heldout_part`): settings are chosen on dev, test is
+# reported once, and no combination is in both (a split by index would put the same combination,
+# under another lighting, on both sides).
+HELDOUT_PARTS = ("dev", "test")
 
 
 
@@ -91,8 +97,11 @@ def read_prompt_set(spec: str, limit: int | None = None, seed: int = 0) -> list[
             if name != "default":
                 test = name == "default/test"
                 items = [it for i, it in enumerate(items) if (i % TEST_EVERY == TEST_EVERY - 1) == test]
+        elif "/" in name:
+            items = read_heldout_part(spec, name, count)
         else:
-            items = read_tiny_heldout(_scene_count(spec, count), lit=name == "tiny-heldout-lit")
+            kind = {"tiny-heldout": "plain", "tiny-heldout-lit": "lit", "tiny-heldout-multi": "multi"}[name]
+            items = read_tiny_heldout(_scene_count(spec, count), kind=kind)
     elif os.path.isdir(spec):
         raise UsageError(f"prompt set {spec}: a folder, not a prompt file; name one file in it")
     elif os.path.isfile(spec):
@@ -139,29 +148,57 @@ def _scene_count(spec: str, count: str) -> int:
     except ValueError:
         n = 0
     if n <= 0:
-        raise UsageError(f"prompt set {spec!r}: after 'tiny-heldout:' give a number of scenes of at least 1, "
-                         f"e.g. tiny-heldout:64")
+        raise UsageError(f"prompt set {spec!r}: after '{spec.partition(':')[0]}:' give a number of scenes of at "
+                         f"least 1, e.g. tiny-heldout:64")
     return n
 
 
-def read_tiny_heldout(count: int = TINY_HELDOUT_SIZE, lit: bool = False) -> list[PromptItem]:
-    """Captions of the scenes held out of the tiny model's training (`scenes.held_out_scene`), so
-    the tiny model is scored on prompts it has never seen; category = the main object's shape.
-    `lit`: the scenes in turn under each of `heldout_lightings()`, with its words in the caption
-    (category = the lighting): held-out prompts for what the heuristic critic corrects."""
-    from ..scenes import held_out_scene  # scenes imports numpy; text prompt files do not need it
+def read_tiny_heldout(count: int = TINY_HELDOUT_SIZE, kind: str = "plain") -> list[PromptItem]:
+    """Captions of the scenes held out of the tiny model's training, so the tiny model is scored
+    on prompts it has never seen. kind "plain" (`scenes.held_out_scene`, category = the main
+    object's shape); "lit": the same scenes in turn under each of `heldout_lightings()`,
+    with its words in the caption (category = the lighting): held-out prompts for what the
+    heuristic critic corrects; "multi": scenes of two or three objects (`scenes.held_out_multi_scene`)
+    under the lightings in turn (category = the lighting)."""
+    # scenes imports numpy; text prompt files do not need it
+    from ..scenes import held_out_multi_scene, held_out_scene
 
     lightings = heldout_lightings()
     items = []
     for i in range(count):
-        if lit:
-            lighting = lightings[i % len(lightings)]
-            scene = held_out_scene(i, lighting)
-            items.append(PromptItem(scene.caption, lighting, scene))
-        else:
+        if kind == "plain":
             scene = held_out_scene(i)
             items.append(PromptItem(scene.caption, scene.main.shape, scene))
+            continue
+        lighting = lightings[i % len(lightings)]
+        scene = (held_out_scene if kind == "lit" else held_out_multi_scene)(i, lighting)
+        items.append(PromptItem(scene.caption, lighting, scene))
     return items
+
+
+def heldout_part(scene) -> str:
+    """"dev" or "test": the part of a held-out scene, from its main object's held-out combination
+    (colour, shape, position, background; `scenes.is_held_out`) alone, so every scene of one
+    combination, whatever its lighting or other objects, falls on the same side, in every set."""
+    import zlib
+
+    main = scene.main
+    key = f"part|{main.colour}|{main.shape}|{main.position}|{scene.background}".encode()
+    return HELDOUT_PARTS[zlib.crc32(key) % 2]
+
+
+def read_heldout_part(spec: str, name: str, count: str) -> list[PromptItem]:
+    """`tiny-heldout-lit/dev` and the like: the scenes of that part among the set's first
+    TINY_HELDOUT_SIZE, in order; `:N` the first N of them, and N beyond the part is an error."""
+    whole, part = name.split("/")
+    items = [it for it in read_prompt_set(whole) if heldout_part(it.scene) == part]
+    if not count:
+        return items
+    n = _scene_count(spec, count)
+    if n > len(items):
+        raise UsageError(f"prompt set {spec!r}: the {part} part of {whole} holds {len(items)} scenes; "
+                         f"ask for at most {name}:{len(items)}")
+    return items[:n]
 
 
 # ---------------------------------------------------------------------------- files

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from ..files import atomic_write_bytes
+from .scoring import SELECTION_LABEL
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -91,6 +92,7 @@ def metric_table(result: dict) -> str:
             dlo, dhi = r["diff_ci"]
             note = " (lower is better)" if r.get("better") == "lower" else ""
             note = (" (alignment)" if r["kind"] == "alignment" else "") + note
+            note += f" ({SELECTION_LABEL})" if r.get("selection") else ""
             rows.append(f"<tr><td class=l>{esc(name)}{note}</td>"
                         f"<td>{mean_b}</td><td>{mean_a}</td><td>{r['mean_diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]</td>"
                         f"<td class='{tone}'>{r['win_rate']:.1%} [{lo:.1%}, {hi:.1%}]</td><td>{pref}</td>"
@@ -110,14 +112,24 @@ def metric_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+# Row kinds the verdict reads: quality scores, preferences and the eval's judges (render fidelity).
+VERDICT_KINDS = ("quality", "preference", "judge")
+
+
 def verdict(result: dict) -> str:
-    """One sentence: did the candidate beat the baseline on the quality metrics?"""
+    """One sentence: did the candidate beat the baseline on the independent quality metrics and
+    judges? A selection score (a row the run's filter scorer computed, marked "selection") is never
+    evidence: a LoRA trained on the pairs it preferred is expected to raise it."""
     parts = []
     for arm, metrics in result["comparisons"].items():
-        quality = {n: r for n, r in metrics.items() if "skipped" not in r and r["kind"] in ("quality", "preference")}
+        scored = {n: r for n, r in metrics.items() if "skipped" not in r and r["kind"] in VERDICT_KINDS}
+        quality = {n: r for n, r in scored.items() if not r.get("selection")}
         wins = [n for n, r in quality.items() if r["win_ci"][0] > 0.5]
         losses = [n for n, r in quality.items() if r["win_ci"][1] < 0.5]
-        if wins and not losses:
+        if not quality and scored:
+            parts.append(f"{arm}: no verdict, {', '.join(scored)} only, the run's selection score (not independent); "
+                         "score with an independent judge (e.g. heuristic+fidelity on the tiny model)")
+        elif wins and not losses:
             parts.append(f"{arm} beats the baseline on {', '.join(wins)} (the 95% interval of the win rate is above 50%)")
         elif losses and not wins:
             parts.append(f"{arm} is worse than the baseline on {', '.join(losses)}")

@@ -31,7 +31,14 @@ from ..errors import ArtaugError, FileFormatError, UsageError
 from ..files import atomic_write_bytes, atomic_write_json, first_difference, read_json
 from .layout import image_path
 from .prompts import PromptItem
-from .scoring import ScoreCache, image_sha256, lower_is_better, metric_kinds
+from .scoring import (
+    SELECTION_LABEL,
+    ScoreCache,
+    image_sha256,
+    lower_is_better,
+    metric_kinds,
+    selection_metrics,
+)
 from .stats import pair_wins, summarize_metric
 
 logger = logging.getLogger(__name__)
@@ -70,15 +77,18 @@ class EvalConfig:
     scorer: str = "heuristic"
     batch_size: int = 4
     n_boot: int = 2000
+    # The filter scorer of the run whose LoRAs are evaluated: the eval's rows of that scorer are
+    # marked "selection score: not independent" and the verdict is drawn without them.
+    selection_scorer: str | None = None
 
     def identity(self) -> dict:
-        """What the images and scores depend on besides the files (batch size and bootstrap
-        count do not); the arms by name (their files: `folder_record`)."""
+        """What the images and scores depend on besides the files (batch size, bootstrap count
+        and labels do not); the arms by name (their files: `folder_record`)."""
         d = asdict(self)
         d["prompts"] = [[p.prompt, p.category] for p in self.prompts]
         d["arms"] = [a.name for a in self.arms]
-        d.pop("batch_size")
-        d.pop("n_boot")
+        for key in ("batch_size", "n_boot", "selection_scorer"):
+            d.pop(key)
         return d
 
     def validate(self) -> None:
@@ -238,11 +248,12 @@ def score_all(cfg: EvalConfig, out_dir: str, scorer, progress: bool = True) -> t
     return {a: {k: np.asarray(v, dtype=np.float64) for k, v in m.items()} for a, m in scores.items()}, cache
 
 
-def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str], lower: frozenset[str] = frozenset()) -> dict:
+def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str], lower: frozenset[str] = frozenset(),
+            selection: frozenset[str] = frozenset()) -> dict:
     """Per candidate arm and metric: the paired summary against arms[0], overall and by category.
-    The metrics in `lower` win a pair by the lower value. A pair with a NaN score (a prompt the
-    scorer cannot read, such as one outside the scene grammar) is left out and counted as not
-    measurable."""
+    The metrics in `lower` win a pair by the lower value; those in `selection` (the run's filter
+    scored them) are marked "selection": True. A pair with a NaN score (a prompt the scorer cannot
+    read, such as one outside the scene grammar) is left out and counted as not measurable."""
     base = cfg.arms[0].name
     groups = np.repeat(np.arange(len(cfg.prompts)), cfg.seeds)
     categories = np.repeat(np.array([p.category or "" for p in cfg.prompts]), cfg.seeds)
@@ -275,6 +286,8 @@ def compare(cfg: EvalConfig, scores: dict, kinds: dict[str, str], lower: frozens
                                "mean_diff": float((a[sel] - b[sel]).mean()),
                                "win_rate": float(pair_wins(a[sel], b[sel], metric in lower).mean())}
             row["by_category"] = by_cat
+            if metric in selection:
+                row["selection"] = True
             rows[metric] = row
         for metric, why in UNAVAILABLE.items():
             rows[metric] = {"kind": "unavailable", "skipped": why}
@@ -343,9 +356,11 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
         arms = [{"name": a.name, "loras": [{"file": os.path.basename(p) if os.path.exists(p) else p, **f}
                                            for (p, _), f in zip(a.loras, record["arm_files"][a.name], strict=True)]}
                 for a in cfg.arms]  # by content and file name: no path, so the folder can move
-        comparisons = compare(cfg, scores, kinds, lower_is_better(scorer))
+        selection = selection_metrics(scorer, cfg.selection_scorer)
+        comparisons = compare(cfg, scores, kinds, lower_is_better(scorer), selection)
         result = {"model": cfg.model, "arms": arms, "prompts": len(cfg.prompts),
                   "seeds": cfg.seeds, "scorer": scorer.identity(), "comparisons": comparisons,
+                  "selection_scorer": cfg.selection_scorer, "selection_metrics": sorted(selection),
                   "means": {a: {k: float(np.nanmean(v)) for k, v in m.items() if np.isfinite(v).any()}
                             for a, m in scores.items()},
                   "timing": {"generated_images": generated, "generation_seconds": round(gen_s, 2),
@@ -389,14 +404,18 @@ def format_table(result: dict) -> str:
                 lines.append(f"  {metric:<18}{r['skipped']}")
                 continue
             win = f"{r['win_rate']:.1%} [{r['win_ci'][0]:.1%}, {r['win_ci'][1]:.1%}]"
+            label = f"  ({SELECTION_LABEL})" if r.get("selection") else ""
             if r["kind"] == "preference":
                 pa, (lo, hi) = r["preference"], r["preference_ci"]
                 pref = f"P({arm} preferred) [{lo:.2%}, {hi:.2%}]"
-                lines.append(f"  {metric + ' pref.':<18}{1 - pa:>10.2%} {pa:>10.2%}   {pref:<28}{win}")
+                lines.append(f"  {metric + ' pref.':<18}{1 - pa:>10.2%} {pa:>10.2%}   {pref:<28}{win}{label}")
                 continue
             lo, hi = r["diff_ci"]
             diff = f"{r['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            lines.append(f"  {metric:<18}{r['mean_b']:>11.4f}{r['mean_a']:>11.4f}   {diff:<28}{win}")
+            lines.append(f"  {metric:<18}{r['mean_b']:>11.4f}{r['mean_a']:>11.4f}   {diff:<28}{win}{label}")
+        if any(r.get("selection") for r in rows.values()):
+            lines.append(f"  {SELECTION_LABEL}: the run's filter scorer ({result.get('selection_scorer')}) chose "
+                         "the pairs trained on by this score; the verdict leaves it out")
         lower = [m for m, r in rows.items() if r.get("better") == "lower"]
         if lower:
             lines.append(f"  lower is better for {', '.join(lower)}: their win rate counts the lower value")

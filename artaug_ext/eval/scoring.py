@@ -23,6 +23,9 @@ from ..files import append_line, read_jsonl, sha256_file
 
 logger = logging.getLogger(__name__)
 
+# The mark on a score the run's filter scorer also computed (`selection_metrics`).
+SELECTION_LABEL = "selection score: not independent"
+
 
 def _judge(name: str):
     """One of the eval's judges by its name in `interact.scorers.JUDGES`."""
@@ -118,6 +121,17 @@ def metric_kinds(scorer) -> dict[str, str]:
         for k in getattr(part, "judge_keys", ()):  # the eval's judges (fidelity), which no filter reads
             kinds[k] = "judge"
     return kinds
+
+
+def selection_metrics(scorer, filter_scorer: str | None) -> frozenset[str]:
+    """The score names of `scorer` that the run's filter scorer (`filter_scorer`, a spec such as
+    "heuristic" or "heuristic+clip") also computed to select the pairs trained on: those rows are
+    not independent evidence, a LoRA trained on what a score preferred is expected to raise it."""
+    if not filter_scorer:
+        return frozenset()
+    names = {p.strip() for p in filter_scorer.split("+") if p.strip()}
+    return frozenset(k for part in scorer.components() if part.name in names
+                     for k in (*part.quality_keys, *part.alignment_keys, *getattr(part, "KEYS", ())))
 
 
 def lower_is_better(scorer) -> frozenset[str]:

@@ -77,6 +77,16 @@ def round_records(out_dir: str) -> list[RoundRecord]:
     return [read_round(p) for p in sorted(glob.glob(os.path.join(out_dir, "rounds", "round-*", ROUND_DONE)))]
 
 
+def filter_scorer_of(run_dir: str) -> str | None:
+    """The filter scorer a run selected its pairs with (run.json), None without a run.json: an eval
+    of the run's LoRAs labels that scorer's rows "selection score: not independent"."""
+    path = os.path.join(run_dir, RUN_JSON)
+    if not os.path.isfile(path):
+        return None
+    recipe = read_json(path, "run settings", "pass the run's LoRAs with --lora instead of --run").get("recipe", {})
+    return recipe.get("filter", {}).get("scorer")
+
+
 def cumulative_round_loras(out_dir: str) -> list[tuple[str, list[tuple[str, float]]]]:
     """("round-N", the LoRAs of rounds 1..N at alpha 1) for every finished round with a LoRA:
     what the model was after each round, as eval arms."""

@@ -7,6 +7,7 @@ import json
 import os
 
 from ..eval.report import esc, metric_table, page, svg_plot, verdict
+from ..eval.scoring import SELECTION_LABEL
 from ..files import atomic_write_bytes
 from .layout import MODEL_CARD, RoundRecord, round_dir, stage_losses
 
@@ -91,6 +92,16 @@ def _final_section(final: dict) -> list[str]:
             f"{final['rank'] or final['ranks_before']}{energy}; card: {esc(MODEL_CARD)}</p>"]
 
 
+def _selection_note(result: dict) -> str:
+    """Which rows of the held-out check the run's own filter scorer computed (empty if none)."""
+    names = result.get("selection_metrics") or []
+    if not names:
+        return ""
+    return (f"<p><b>{esc(', '.join(names))}: {esc(SELECTION_LABEL)}.</b> The run's filter scorer "
+            f"({esc(result.get('selection_scorer'))}) chose the pairs trained on by these scores, so the LoRA is "
+            "expected to raise them; the verdict above is drawn from the independent scorers only.</p>")
+
+
 def write_run_report(out_dir: str, summary: dict) -> str:
     """report.html of a run folder (`summary` as the runner returns it); returns its relative path."""
     rounds = [RoundRecord.from_dict(d) for d in summary["rounds"]]
@@ -106,7 +117,7 @@ def write_run_report(out_dir: str, summary: dict) -> str:
     if check:
         body += ["<h2>Held-out check</h2>",
                  f"<p>{esc(check['what'])} <a href=\"{esc(check['report'])}\">Full eval report</a>.</p>",
-                 metric_table(check["result"])]
+                 _selection_note(check["result"]), metric_table(check["result"])]
     for rec in rounds:
         folder = round_dir(out_dir, rec.round)
         if os.path.isfile(os.path.join(folder, "interact", "manifest.jsonl")):

@@ -353,7 +353,7 @@ class RecipeRun:
         size = e.size or (self.recipe.data.size if isinstance(self.recipe.data.size, int) else None)
         cfg = EvalConfig(model=self.recipe.run.model, prompts=items, seeds=e.seeds, seed=e.seed,
                          steps=e.steps or self.recipe.data.steps, width=size, height=size,
-                         guidance=self.recipe.data.guidance, scorer=e.scorer,
+                         guidance=self.recipe.data.guidance, scorer=e.scorer, selection_scorer=self.recipe.filter.scorer,
                          arms=[Arm("base"), Arm("artaug", [(os.path.join(self.out_dir, FINAL_LORA), 1.0)])])
         unload_lora(self.pipe)  # every round's LoRA, read back from the model files: the base again, bit for bit
         self.round_loras = []
