@@ -142,7 +142,8 @@ def test_torn_manifest_line_is_repaired(tmp_path, pipe, monkeypatch):
     shard = run / "shards" / "manifest-rank00000-of-00001.jsonl"
     full = shard.read_bytes()
     lines = full.splitlines(keepends=True)
-    shard.write_bytes(lines[0] + lines[1][:40])  # killed while appending the second line
+    shard.write_bytes(lines[0] + lines[1][:40])  # killed while appending the second line:
+    (run / "shards" / "done-rank00000-of-00001").unlink()  # ... so the rank never finished
     assert len(read_manifest(str(shard))) == 1
     stats = run_interact(cfg(prompts=PROMPTS[:2]), str(run), pipe=pipe, progress=False)
     assert stats["processed"] == 1 and shard.read_bytes() == full

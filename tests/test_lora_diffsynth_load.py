@@ -5,11 +5,11 @@ spelled `...lora_A.default.weight` fused 0 tensors in DiffSynth's FLUX loader, s
 The files come from real micro runs of the tiny model, with alpha != rank (so a loader that
 dropped or doubled the scale would disagree) and the final LoRA truncated to a smaller rank."""
 
-import json
 import os
 
 import pytest
 import torch
+from helpers import micro_recipe
 from safetensors.torch import load_file, save_file
 
 from artaug_ext.lora import load_lora
@@ -19,41 +19,10 @@ from artaug_ext.recipe.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPTS = ["a red circle in the center on a blue background, dim light",
-           "a yellow star on the left on a green background, overexposed"]
-
-RECIPE = """
-[run]
-name = "diffsynth-load"
-model = "tiny-random"
-rounds = 2
-seed = 5
-stop_mean_gain = -10.0
-final_rank = 3
-
-[data]
-prompts = {prompts}
-size = 64
-steps = 2
-
-[critic]
-backend = "heuristic"
-
-[filter]
-scorer = "heuristic"
-margin = -1.0
-
-[train]
-mode = "{mode}"
-rank = 2
-alpha = 5.0
-lr = 1e-2
-steps_stage1 = 2
-steps_stage2 = 2
-batch_size = 2
-resolution = 32
-checkpoint_every = 100
-"""
+# The micro recipe with alpha != rank, so a loader that dropped or doubled the scale would
+# disagree, and a final rank below the sum's.
+CHANGES = {"run": {"name": "diffsynth-load", "seed": 5, "final_rank": 3},
+           "train": {"alpha": 5.0, "lr": 1e-2, "steps_stage1": 2, "steps_stage2": 2, "checkpoint_every": 100}}
 
 # What a run leaves for users, by kind: round LoRAs and the final LoRA (training format), the
 # final LoRA (kohya format).
@@ -68,8 +37,7 @@ def run_dir(request, tmp_path_factory):
     """A 2-round micro run; batched rounds save the trained adapters (`lora_state_dict`),
     per-pair rounds an exact average of them (`layers_to_training_state`)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    recipe = tmp / "recipe.toml"
-    recipe.write_text(RECIPE.format(prompts=json.dumps(PROMPTS), mode=request.param))
+    recipe = micro_recipe(tmp / "recipe.toml", run=CHANGES["run"], train={**CHANGES["train"], "mode": request.param})
     run_recipe(load_recipe(str(recipe)), str(tmp / "run"), device="cpu", progress=False)
     return tmp / "run"
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, child_env, kill_when_paused
+from helpers import MICRO_PROMPTS, REPO, child_env, kill_when_paused, micro_recipe
 from safetensors.torch import load_file
 
 from artaug_ext.errors import UsageError
@@ -17,49 +17,13 @@ from artaug_ext.recipe.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPTS = ["a red circle in the center on a blue background, dim light",
-           "a yellow star on the left on a green background, overexposed",
-           "a white square at the top on a black background, backlit"]
-
-MICRO = """
-[run]
-name = "micro"
-model = "tiny-random"
-rounds = 2
-seed = 3
-stop_mean_gain = -10.0
-{final_rank}
-
-[data]
-prompts = {prompts}
-size = 64
-steps = 2
-
-[critic]
-backend = "heuristic"
-
-[filter]
-scorer = "heuristic"
-margin = {margin}
-
-[train]
-mode = "{mode}"
-rank = 2
-lr = 1e-3
-steps_stage1 = 3
-steps_stage2 = 3
-batch_size = 2
-resolution = 32
-checkpoint_every = 1
-"""
+PROMPTS = MICRO_PROMPTS
 
 
 def micro(tmp_path, name="micro.toml", mode="batched", margin=-1.0, final_rank=None, extra=""):
-    """A recipe that keeps every enhanced pair (margin -1): training always has data."""
-    path = tmp_path / name
-    path.write_text(MICRO.format(prompts=json.dumps(PROMPTS), margin=margin, mode=mode,
-                                 final_rank=f"final_rank = {final_rank}" if final_rank else "") + extra)
-    return path
+    """The micro recipe, which keeps every enhanced pair (margin -1): training always has data."""
+    return micro_recipe(tmp_path / name, extra, run={"final_rank": final_rank}, filter={"margin": margin},
+                        train={"mode": mode})
 
 
 @pytest.fixture(scope="module")

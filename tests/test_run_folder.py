@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, child_env
-from test_recipe_run import micro
+from helpers import REPO, child_env, micro_recipe
 
 from artaug_ext.errors import FileFormatError, OutOfSpaceError
 from artaug_ext.recipe.config import load_recipe
@@ -30,7 +29,7 @@ R2 = "rounds/round-02"
 def finished(tmp_path_factory):
     """One uninterrupted micro run with its held-out check; each test damages a copy."""
     tmp = tmp_path_factory.mktemp("finished")
-    recipe = micro(tmp, extra=EVAL)
+    recipe = micro_recipe(tmp / "micro.toml", EVAL)
     run_recipe(load_recipe(str(recipe)), str(tmp / "run"), device="cpu", progress=False)
     return tmp / "run", recipe
 

@@ -29,8 +29,8 @@ seed = 3
 {run_extra}
 
 [data]
-prompts = ["a red circle in the center on a blue background, dim light",
-           "a yellow star on the left on a green background, overexposed"]
+prompts = ["a large black square at the bottom and a small red circle at the top on a light purple background",
+           "a large red square on the right and a small green circle in the top left on a black background, dim light"]
 size = 64
 steps = 2
 

@@ -85,13 +85,13 @@ def test_the_same_settings_reuse_every_stage_without_training(trained, tmp_path,
 # (what changes, the stage folder named, the setting named in the error)
 CHANGES = [
     ({"rank": 4}, "stage1", r"rank: 2 -> 4"),
-    ({"alpha": 1.0}, "stage1", r"alpha: None -> 1.0"),
+    ({"alpha": 1.0}, "stage1", r"alpha: null -> 1.0"),
     ({"lr": 1e-3}, "stage1", r"lr: 0.01 -> 0.001"),
-    ({"target_modules": ["a_to_qkv"]}, "stage1", r"target_modules: .* -> \['a_to_qkv'\]"),
+    ({"target_modules": ["a_to_qkv"]}, "stage1", r"target_modules: .* -> \[\"a_to_qkv\"\]"),
     ({"schedule": "cosine"}, "stage1", r"schedule: constant -> cosine"),
     ({"seed": 5}, "stage1", r"seed: 0 -> 5"),
     ({"batch_size": 1}, "stage1", r"batch_size: 2 -> 1"),
-    ({"resolution": 64}, "stage1", r"resolution: None -> 64"),
+    ({"resolution": 64}, "stage1", r"resolution: null -> 64"),
     ({"weighting": "uniform"}, "stage1", r"weighting: diffsynth -> uniform"),
     ({"timestep_sampling": "logit-normal"}, "stage1", r"timestep_sampling: diffsynth -> logit-normal"),
     ({"guidance": 1.0}, "stage1", r"guidance: 3.5 -> 1.0"),
@@ -125,7 +125,7 @@ def test_other_pairs_latents_or_base_are_refused(trained, monkeypatch, which):
     cases = [
         (dict(cache=_cache(("a", "c"))), r"pairs\[1\]: b -> c"),
         (dict(cache=_cache(("a", "b"), seed=1)), r"pairs_sha256.a: [0-9a-f]+ -> [0-9a-f]+"),
-        (dict(base_loras=["ab" * 32]), r"base_loras: \[\] -> \['abab"),
+        (dict(base_loras=["ab" * 32]), r'base_loras: \[\] -> \["abab'),
     ]
     for kwargs, named in cases:
         cache = kwargs.pop("cache", _cache())
