@@ -115,23 +115,12 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _hull_area(mask: np.ndarray) -> float:
-    from scipy.spatial import ConvexHull, QhullError
-
-    ys, xs = np.nonzero(mask)
-    pts = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
-    try:
-        return float(ConvexHull(pts).volume)
-    except (QhullError, ValueError):
-        return float(mask.sum())
-
-
 def classify_shape(mask: np.ndarray) -> str:
     """Square fills its box, a circle ~79%, a triangle ~50%; a star is far from convex."""
     ys, xs = np.nonzero(mask)
     area = float(mask.sum())
     extent = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    solidity = area / max(_hull_area(mask), 1.0)
+    solidity = area / max(word_looks.hull_area(mask), 1.0)
     if solidity < 0.8:
         return "star"
     if extent > 0.88:

@@ -112,7 +112,8 @@ class ObjectReading:
     speckle: float = 0.0  # share of its edge pixels that are speckles
 
 
-def _hull_area(mask: np.ndarray) -> float:
+def hull_area(mask: np.ndarray) -> float:
+    """Area of the convex hull of a mask's pixel squares (the solidity of a shape is area / hull)."""
     from scipy.spatial import ConvexHull, QhullError
 
     ys, xs = np.nonzero(mask)
@@ -153,7 +154,7 @@ def read_object(px: np.ndarray, bg: np.ndarray, box, others: list) -> ObjectRead
     median = ndimage.median_filter(px, size=(3, 3, 1))
     speckled = np.sqrt(((px - median) ** 2).sum(-1)) > SPECKLE
     return ObjectReading(area / SIZE ** 2, srgb_to_lab(np.median(pixels, axis=0)), extent,
-                         area / max(_hull_area(mask), 1.0), float(speckled[edge].mean()) if edge.any() else 0.0)
+                         area / max(hull_area(mask), 1.0), float(speckled[edge].mean()) if edge.any() else 0.0)
 
 
 def delta_e(a, b) -> float:

@@ -281,12 +281,7 @@ def _merge(named, groups, handle) -> list[str]:
         with torch.no_grad():
             for i in tqdm(range(0, len(items), batch), desc="merging LoRA", unit="batch",
                           disable=not on_cpu or len(items) <= 4 * _BATCH):
-                weights, factors = [], []
-                for (comp, mod, lo, hi), pieces in items[i:i + batch]:
-                    w = named[comp][mod].weight.data
-                    weights.append(w[lo:hi])
-                    factors.append([(_factor(a, w.device), _factor(b, w.device), s) for a, b, s in pieces])
-                lora_merge_grouped_(weights, factors)
+                _merge_in_place(named, items[i:i + batch])
     except LoRAMergeOverflowError as e:
         _restore(handle)
         names = [f"{k[0]}:{k[1]}" for k, _ in items[i:i + batch]]
@@ -329,13 +324,18 @@ def _merge_for_good(named, groups, handle) -> list[str]:
                 seen.add((comp, mod))
                 handle.reload.append((comp, mod, named[comp][mod]))
         for i in range(0, len(items), _BATCH):
-            weights, factors = [], []
-            for (comp, mod, lo, hi), pieces in items[i:i + _BATCH]:
-                w = named[comp][mod].weight.data
-                weights.append(w[lo:hi])
-                factors.append([(_factor(a, w.device), _factor(b, w.device), s) for a, b, s in pieces])
-            lora_merge_grouped_(weights, factors)
+            _merge_in_place(named, items[i:i + _BATCH])
     return sorted({f"{comp}:{mod}" for comp, mod, _, _ in groups})
+
+
+def _merge_in_place(named, items) -> None:
+    """W[lo:hi] += sum of scale * B @ A for each (layer, rows) of `items`, in one grouped kernel call."""
+    weights, factors = [], []
+    for (comp, mod, lo, hi), pieces in items:
+        w = named[comp][mod].weight.data
+        weights.append(w[lo:hi])
+        factors.append([(_factor(a, w.device), _factor(b, w.device), s) for a, b, s in pieces])
+    lora_merge_grouped_(weights, factors)
 
 
 def _factor(t: torch.Tensor, device) -> torch.Tensor:
