@@ -142,3 +142,14 @@ def micro_recipe(path, extra: str = "", **tables):
         lines.append("")
     path.write_text("\n".join(lines) + extra)
     return path
+
+
+def file_tree(folder) -> dict:
+    """{relative path: bytes} of every file under `folder` (bitwise comparisons of run folders)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import kill_when_paused, ranks_in_turn
+from helpers import file_tree, kill_when_paused, ranks_in_turn
 from PIL import Image
 
 from artaug_ext.eval.prompts import read_prompt_file
@@ -41,17 +41,6 @@ def cfg(**kw):
     return InteractConfig(**base)
 
 
-def tree(folder):
-    """{relative path: bytes} of every file under `folder`."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, folder)] = fh.read()
-    return out
-
-
 def test_run_writes_manifest_pngs_and_resumes_without_redoing(tmp_path, pipe, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -71,9 +60,9 @@ def test_run_writes_manifest_pngs_and_resumes_without_redoing(tmp_path, pipe, mo
             assert set(r["scores"]) == {"original", "enhanced"} and isinstance(r["kept"], bool)
         if r["kept"]:
             assert Image.open(run / r["picture"]).size[0] == 2 * SIZE + 4
-    before = tree(run)
+    before = file_tree(run)
     again = run_interact(cfg(prompts=PROMPTS[:2], images_per_prompt=2), str(run), pipe=pipe, progress=False)
-    assert again["processed"] == 0 and tree(run) == before
+    assert again["processed"] == 0 and file_tree(run) == before
     with pytest.raises(ValueError, match="other settings"):
         run_interact(cfg(prompts=PROMPTS[:2], images_per_prompt=2, seed=7), str(run), pipe=pipe, progress=False)
 
@@ -126,7 +115,7 @@ def test_sharded_ranks_merge_to_the_single_rank_manifest(tmp_path, pipe, monkeyp
                              collective=ranks_in_turn())
         assert stats["processed"] == (2 if rank == 0 else 1)
     assert stats["merged"] == 3
-    a, b = tree(single), tree(sharded)
+    a, b = file_tree(single), file_tree(sharded)
     assert a["manifest.jsonl"] == b["manifest.jsonl"]
     assert {k: v for k, v in a.items() if k.startswith(("images", "pictures"))} == \
            {k: v for k, v in b.items() if k.startswith(("images", "pictures"))}
@@ -256,12 +245,12 @@ def test_sigkill_at_three_points_then_resume_is_byte_identical(tmp_path, pipe, m
     kill_when_paused(cmd, "item:2", marker)       # between items (first item done)
     assert len(read_manifest(str(shard))) == 1
     kill_when_paused(cmd, "png:2", marker)        # in the middle of writing a PNG
-    assert any(name.endswith(".png.tmp") for name in tree(run)), "the kill should land inside the atomic write"
+    assert any(name.endswith(".png.tmp") for name in file_tree(run)), "the kill should land inside the atomic write"
     kill_when_paused(cmd, "manifest:1", marker)   # half-way through a manifest line
     assert not shard.read_bytes().endswith(b"\n") and len(read_manifest(str(shard))) == 1
     stats = run_interact(config, str(run), pipe=pipe, progress=False)  # the resume
     assert stats["processed"] == 2 and stats["items"] == 3
-    ref, got = tree(reference), tree(run)
+    ref, got = file_tree(reference), file_tree(run)
     assert sorted(got) == sorted(ref)
     for name in ref:
         assert got[name] == ref[name], name
@@ -298,6 +287,6 @@ def test_concurrent_critic_chunks_keep_order_and_results(tmp_path, pipe, monkeyp
     run_interact(cfg(), str(tmp_path / "a"), pipe=pipe, critic=critic, progress=False)
     run_interact(cfg(), str(tmp_path / "b"), pipe=pipe, progress=False)
     assert critic.batches == [3]  # then one item alone through critique()
-    a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
+    a, b = file_tree(tmp_path / "a"), file_tree(tmp_path / "b")
     assert a["manifest.jsonl"] == b["manifest.jsonl"]
     assert {k: v for k, v in a.items() if k.startswith("images")} == {k: v for k, v in b.items() if k.startswith("images")}

@@ -144,6 +144,31 @@ def test_recipe_budget_fit_is_kept_on_resume(tmp_path):
     assert cfg.steps == 5000
 
 
+def _spawn_ranks(target, world: int, *args, timeout: float) -> list:
+    """`target(rank, world, port, *args)` in `world` spawned processes with one rendezvous port;
+    their exit codes (None for one that hung, which is killed)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = []
+    for p in procs:
+        hung = p.is_alive()
+        if hung:
+            p.kill()
+            p.join()
+        codes.append(None if hung else p.exitcode)
+    return codes
+
+
 def _rank_trains_until_main_says(rank, world, port, out_dir):
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -170,23 +195,7 @@ def _rank_trains_until_main_says(rank, world, port, out_dir):
 def test_ranks_stop_together_when_the_main_process_refits_steps(tmp_path):
     """on_step runs on rank 0 only; a step count it changes must reach the other ranks (else
     they train on alone and hang in DDP's next all-reduce)."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_trains_until_main_says, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung and [p.exitcode for p in procs] == [0, 0]
+    assert _spawn_ranks(_rank_trains_until_main_says, 2, str(tmp_path), timeout=180) == [0, 0]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3", "3"]
 
 
@@ -317,23 +326,11 @@ def _rank_trains_a_lora(rank, world, port, out_dir, batch):
 
 def test_two_ranks_train_the_same_lora_as_one_with_the_same_global_batch(tmp_path):
     """gloo on CPU: world 2 x batch 2 against world 1 x batch 4 (grad_accum 2 in both)."""
-    import multiprocessing
-    import socket
-
-    ctx = multiprocessing.get_context("spawn")
     results = {}
     for world, batch in ((1, 4), (2, 2)):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         out = tmp_path / f"w{world}"
         out.mkdir()
-        procs = [ctx.Process(target=_rank_trains_a_lora, args=(r, world, port, str(out), batch)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(240)
-        assert [p.exitcode for p in procs] == [0] * world
+        assert _spawn_ranks(_rank_trains_a_lora, world, str(out), batch, timeout=240) == [0] * world
         results[world] = torch.load(out / "lora.pt")
     one, two = results[1], results[2]
     assert one.keys() == two.keys()
@@ -404,19 +401,7 @@ def test_the_ddp_wrap_broadcasts_the_trainable_parameters_only(tmp_path):
     LoRA and not the frozen base, and the LoRA trained is bitwise the one of a wrap that sends
     everything (rank 1's LoRA starts elsewhere and is synced from rank 0 all the same); a rank
     whose frozen base differs from rank 0's is refused, by name, on both ranks."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_counts_what_the_wrap_broadcasts, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert _spawn_ranks(_rank_counts_what_the_wrap_broadcasts, 2, str(tmp_path), timeout=240) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:
         everything, ours = res["every parameter"], res["ours"]

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import file_tree
 
 from artaug_ext.errors import UsageError
 from artaug_ext.tiny.models import TinyFluxDiT
@@ -35,17 +36,6 @@ def _cache(ids=("a", "b"), seed=0):
 
 
 SETTINGS = LoRATrainSettings(rank=2, steps_stage1=2, steps_stage2=2, batch_size=2, checkpoint_every=1, lr=1e-2)
-
-
-def _snapshot(folder):
-    """Every file under `folder` with its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 def _no_training(*args, **kwargs):
@@ -104,7 +94,7 @@ CHANGES = [
 @pytest.mark.parametrize(("change", "stage", "named"), CHANGES, ids=[next(iter(c[0])) for c in CHANGES])
 def test_a_stale_stage_is_refused_naming_the_setting_and_the_folder(trained, monkeypatch, which, change, stage, named):
     folder = trained[which]
-    before = _snapshot(folder)
+    before = file_tree(folder)
     monkeypatch.setattr(differential, "train", _no_training)
     settings = dataclasses.replace(SETTINGS, **change)
     with pytest.raises(UsageError) as e:
@@ -114,13 +104,13 @@ def test_a_stale_stage_is_refused_naming_the_setting_and_the_folder(trained, mon
     assert message.startswith(f"{folder / stage} holds a stage trained with other settings (")
     assert "delete the folder" in message
     assert re.search(named, message), message
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
 
 
 @pytest.mark.parametrize("which", ["done", "mid1"])
 def test_other_pairs_latents_or_base_are_refused(trained, monkeypatch, which):
     folder = trained[which]
-    before = _snapshot(folder)
+    before = file_tree(folder)
     monkeypatch.setattr(differential, "train", _no_training)
     cases = [
         (dict(cache=_cache(("a", "c"))), r"pairs\[1\]: b -> c"),
@@ -132,17 +122,17 @@ def test_other_pairs_latents_or_base_are_refused(trained, monkeypatch, which):
         with pytest.raises(UsageError, match=rf"^{re.escape(str(folder / 'stage1'))} holds a stage trained with other settings "
                                              rf"\({named}.*\); delete the folder"):
             train_round_lora(_dit(), cache, SETTINGS, str(folder), progress=False, **kwargs)
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
 
 
 def test_another_image_side_is_refused(trained, tmp_path, monkeypatch):
     folder = tmp_path / "stage"
     shutil.copytree(trained["done"] / "stage1", folder)  # trained on the originals
-    before = _snapshot(folder)
+    before = file_tree(folder)
     monkeypatch.setattr(differential, "train", _no_training)
     with pytest.raises(UsageError, match=r"holds a stage trained with other settings \(image_side: original -> enhanced\)"):
         train_stage(_dit(), _cache(), "enhanced", SETTINGS, str(folder), 0, 2, progress=False)
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
 
 
 def test_a_stage_2_on_another_lora_1_is_refused(trained, tmp_path, monkeypatch):
@@ -157,18 +147,18 @@ def test_a_stage_2_on_another_lora_1_is_refused(trained, tmp_path, monkeypatch):
     state = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
              v * (1.5 if "lora_B" in k else 1.0) for k, v in load_file(str(lora_1)).items()}
     save_lora(state, str(lora_1), {"stage": "stage1"})  # another LoRA_1 (the recorded stage 1 is reused)
-    before = _snapshot(folder)
+    before = file_tree(folder)
     monkeypatch.setattr(differential, "train", _no_training)
     with pytest.raises(UsageError, match=rf"^{re.escape(str(folder / 'stage2'))} holds a stage trained with other settings "
                                          r"\(lora_1: [0-9a-f]+ -> [0-9a-f]+\); delete the folder"):
         train_round_lora(_dit(), _cache(), SETTINGS, str(folder), progress=False)
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
     shutil.rmtree(folder / "stage1")  # stage 1 gone: it would be trained again, under a stage 2 of the old LoRA_1
-    before = _snapshot(folder)
+    before = file_tree(folder)
     with pytest.raises(UsageError, match=rf"^{re.escape(str(folder / 'stage2'))} was trained on a LoRA_1 that {re.escape(str(folder / 'stage1'))} no "
                                          rf"longer holds; delete {re.escape(str(folder / 'stage2'))}"):
         train_round_lora(_dit(), _cache(), SETTINGS, str(folder), progress=False)
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
 
 
 def test_a_stage_folder_without_a_record_is_refused(trained, tmp_path, monkeypatch):
@@ -180,11 +170,11 @@ def test_a_stage_folder_without_a_record_is_refused(trained, tmp_path, monkeypat
         for stage in ("stage1", "stage2"):
             for f in ("stage.json", *drop):
                 os.remove(folder / stage / f)
-        before = _snapshot(folder)
+        before = file_tree(folder)
         with pytest.raises(UsageError, match=rf"^{re.escape(str(folder / 'stage1'))} holds a stage without a stage.json \(from an older "
                                              r"artaug-ext\), so what it was trained with is unknown; delete the folder"):
             train_round_lora(_dit(), _cache(), SETTINGS, str(folder), progress=False)
-        assert _snapshot(folder) == before
+        assert file_tree(folder) == before
 
 
 def test_a_checkpoint_is_refused_on_other_data_and_in_the_old_format(trained, tmp_path):
@@ -208,10 +198,10 @@ def test_a_checkpoint_is_refused_on_other_data_and_in_the_old_format(trained, tm
         train(FluxDenoiser(dit), lambda m, b, rng: objective(m, b["latents"], b["prompt_emb"], b["pooled_prompt_emb"], rng),
               lambda idx: cache.batch(image_side, idx), len(cache), cfg)
 
-    before = _snapshot(folder)
+    before = file_tree(folder)
     with pytest.raises(UsageError, match=r"holds a training with other settings \(image_side: original -> enhanced\)"):
         go("enhanced")
-    assert _snapshot(folder) == before
+    assert file_tree(folder) == before
     done_file = folder / "checkpoint-2" / DONE_FILE
     info = json.loads(done_file.read_text())
     done_file.write_text(json.dumps({**info, "format": 3}))

@@ -95,6 +95,7 @@ def memory_plan(shapes: FluxShapes, *, targets, rank: int, dtype_bytes: int, dev
                   + shapes.pooled_dim) * dtype_bytes
     parts = {
         "weights": all_weights,
+        "touched weights": sum(touched),
         "LoRA_1 merge backup": backup,
         "running-base backups": running_base_backups * backup,
         "LoRA_1 factors (fp32, host)": n_lora * FP32,

@@ -72,8 +72,10 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
     p = m.parts
     return [f"memory (counted from {c.name}'s per-layer shapes in bf16 on CUDA; beyond the runtime):",
             f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
-            f"training (the pinned copy of the {p['LoRA_1 merge backup'] / GB:.1f} GB of weights LoRA_1's merge "
-            f"touches, the latent cache {p['latent cache (host)'] / GB:.2f} GB); x {gpus} process(es) a node",
+            f"training (LoRA_1's merge backup: {p['LoRA_1 merge backup'] / GB:.1f} GB pinned for the "
+            f"{p['touched weights'] / GB:.1f} GB of weights it touches, as torch's pinned allocator rounds each "
+            f"tensor up to a power of two; the latent cache {p['latent cache (host)'] / GB:.2f} GB); "
+            f"x {gpus} process(es) a node",
             f"  GPU memory per process: {m.gpu_generation / GB:.1f} GB generation, {m.gpu_training / GB:.1f} GB "
             f"training (weights {p['weights'] / GB:.1f} GB, LoRA training state "
             f"{p['LoRA_2 training state'] / GB:.2f} GB, activations {p['training activations'] / GB:.1f} GB)"]
