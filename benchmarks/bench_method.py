@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="steps per stage (sft: twice this)")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of every stage")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="the filter's margin: keep a pair whose quality gain exceeds it (default 0, the recipes')")
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--full-res", action="store_true", help="train every LoRA at the generation resolution")
@@ -146,7 +148,8 @@ def configuration(args) -> dict:
     return {"model": args.model, "size": args.size, "gen_steps": args.gen_steps, "train_prompts": args.train_prompts,
             "rounds": args.rounds, "train": train_settings(args), "heldout": args.heldout,
             "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds, "per_pair": args.per_pair,
-            "per_pair_pairs": args.per_pair_pairs if args.per_pair else None}
+            "per_pair_pairs": args.per_pair_pairs if args.per_pair else None,
+            **({"margin": args.margin} if args.margin else {})}  # the default margin: as the ledger's first entries
 
 
 def ledger_counts(path: str, config: dict) -> dict:
@@ -177,7 +180,7 @@ def train_arms(args, out: str, settings: dict):
         data["size"] = args.size
     recipe = recipe_from_dict({
         "run": {"model": args.model, "rounds": args.rounds, "seed": 0, "stop_mean_gain": -1.0, "name": "bench_method"},
-        "data": data, "critic": {"backend": "heuristic"}, "filter": {"scorer": SELECTION}, "train": settings})
+        "data": data, "critic": {"backend": "heuristic"}, "filter": {"scorer": SELECTION, "margin": args.margin}, "train": settings})
     t0 = time.perf_counter()
     summary = run_recipe(recipe, os.path.join(out, "run"), progress=False)
     run_seconds = time.perf_counter() - t0

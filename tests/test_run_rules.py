@@ -189,6 +189,9 @@ def test_the_gain_stop_rule_stops_a_run(tmp_path, pipe):
     assert summary["stopped"] == (f"round 1 gained {rec['mean_gain_enhanced']:.4g} on average over its "
                                   f"{len(gains)} enhanced items, below run.stop_mean_gain 1000")
     assert summary["final"] is not None  # the round's LoRA is still the run's result
+    # the round says how many of the critic's suggestions had a local prompt of their own
+    assert rec["usable_suggestions"] == sum(len(r["suggestions"]) for r in records) > 0
+    assert rec["suggestions"] == rec["usable_suggestions"] + sum(r.get("identity_suggestions", 0) for r in records)
 
 
 # -------------------------------------------------------------------------------- loss summary

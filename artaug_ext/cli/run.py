@@ -58,7 +58,8 @@ def format_summary(summary: dict) -> str:
 
     for rec in map(RoundRecord.from_dict, summary["rounds"]):
         line = (f"  round {rec.round}: {rec.items} items, {rec.enhanced} enhanced, {rec.kept} kept "
-                f"({rec.kept_fraction:.0%}), mean gain of kept {rec.mean_gain:.4f}")
+                f"({rec.kept_fraction:.0%}), mean gain of kept {rec.mean_gain:.4f}; {rec.usable_suggestions} of "
+                f"{rec.suggestions} suggestions had a usable local prompt")
         stage = (rec.train or {}).get("stage2", {})
         if stage:
             line += (f"; trained on {rec.trained_pairs} pairs, stage-2 loss {stage['first']:.4f} -> "

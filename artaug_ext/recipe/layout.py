@@ -48,6 +48,8 @@ class RoundRecord:
     mean_gain: float  # over the kept pairs only (each above the filter's margin)
     trained_pairs: int
     mean_gain_enhanced: float | None = None  # over every enhanced item: what run.stop_mean_gain reads
+    suggestions: int = 0  # the critic's, in all
+    usable_suggestions: int = 0  # with a local prompt of their own (the others, identities, were dropped)
     lora: str | None = None  # relative to the run folder; None: the round trained nothing
     lora_sha256: str | None = None  # of that file: a resume checks it before merging it
     stopped: str | None = None  # why the run stopped in this round (kept no pairs)

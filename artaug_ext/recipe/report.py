@@ -43,7 +43,8 @@ def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
 
 
 def _rounds_table(rounds: list[RoundRecord]) -> list[str]:
-    body = ["<h2>Rounds</h2><table><tr><th>round</th><th>items</th><th>enhanced</th><th>kept</th><th>kept share</th>"
+    body = ["<h2>Rounds</h2><table><tr><th>round</th><th>items</th><th>usable suggestions</th><th>enhanced</th><th>kept</th>"
+            "<th>kept share</th>"
             "<th>mean gain of kept</th><th>mean gain of enhanced</th><th>trained pairs</th><th>stage-1 loss</th>"
             "<th>stage-2 loss</th><th>seconds</th></tr>"]
     for rec in rounds:
@@ -51,11 +52,14 @@ def _rounds_table(rounds: list[RoundRecord]) -> list[str]:
             s = train.get(stage)
             return f"{s['first']:.4f} &rarr; {s['last']:.4f}" if s else ""
 
-        body.append(f"<tr><td>{rec.round}</td><td>{rec.items}</td><td>{rec.enhanced}</td><td>{rec.kept}</td>"
+        body.append(f"<tr><td>{rec.round}</td><td>{rec.items}</td><td>{rec.usable_suggestions} of {rec.suggestions}</td>"
+                    f"<td>{rec.enhanced}</td><td>{rec.kept}</td>"
                     f"<td>{rec.kept_fraction:.1%}</td><td>{rec.mean_gain:.4f}</td><td>{_number(rec.mean_gain_enhanced)}</td>"
                     f"<td>{rec.trained_pairs}</td>"
                     f"<td>{loss('stage1')}</td><td>{loss('stage2')}</td><td>{rec.seconds}</td></tr>")
-    body.append("</table><p>Losses: the mean over the first 10% of a stage's steps &rarr; over its last 10% "
+    body.append("</table><p>Usable suggestions: those with a local prompt of their own; a suggestion whose "
+                "local prompt is the global prompt would blend a prediction with itself and is dropped. "
+                "Losses: the mean over the first 10% of a stage's steps &rarr; over its last 10% "
                 "(one step's loss under random timesteps is mostly noise).</p>")
     return body
 

@@ -200,7 +200,10 @@ class RecipeRun:
                              enhanced=sum(bool(x.get("enhanced")) for x in records), kept=len(pairs),
                              kept_fraction=len(pairs) / len(records) if records else 0.0,
                              mean_gain=sum(gains) / len(gains) if gains else 0.0, trained_pairs=len(chosen),
-                             mean_gain_enhanced=sum(every) / len(every) if every else None)
+                             mean_gain_enhanced=sum(every) / len(every) if every else None,
+                             usable_suggestions=sum(len(x.get("suggestions", ())) for x in records),
+                             suggestions=sum(len(x.get("suggestions", ())) + x.get("identity_suggestions", 0)
+                                             for x in records))
         return chosen, record
 
     def _run_round(self, round_number: int) -> RoundRecord:
