@@ -97,6 +97,22 @@ class Collective:
         self._dist().all_gather_object(out, obj)
         return out
 
+    def on_main(self, fn) -> None:
+        """`fn()` on the main process alone (work on shared files that two ranks must not do at
+        once), then every rank goes on; if it raised, every rank raises: the main process its
+        error, the others its message (a rank left waiting in a collective would hang)."""
+        failure = error = None
+        if self.info.main:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001  (any error: the other ranks must hear of it)
+                failure, error = (type(e).__name__, str(e)), e
+        failure = self.broadcast(failure)
+        if error is not None:
+            raise error
+        if failure:
+            raise (RunLockedError if failure[0] == RunLockedError.__name__ else UsageError)(failure[1])
+
     def check_shared_folder(self, folder: str, option: str = "--out") -> None:
         """Every process sees the same `folder`: ranks read each other's files there (caches,
         checkpoints, images), so node-local folders would break a run hours in. The main process
@@ -105,9 +121,7 @@ class Collective:
             return
         token = self.broadcast(secrets.token_hex(8) if self.info.main else None)
         path = os.path.join(folder, f".artaug-shared-check-{token}")
-        if self.info.main:
-            atomic_write_bytes(path, token.encode())
-        self.barrier()
+        self.on_main(lambda: atomic_write_bytes(path, token.encode()))
         deadline = time.monotonic() + SHARED_CHECK_SECONDS
         while True:
             try:
@@ -133,13 +147,6 @@ def lock_folder(folder: str, collective: Collective, name: str, what: str = "run
     it before any rank writes, and every rank learns the outcome, so a second run of any world
     size is refused on every one of its ranks. Returns the lock on the main process (None on
     the others); the caller releases it."""
-    lock = refusal = None
-    if collective.info.main:
-        try:
-            lock = FolderLock(folder, name, what).acquire()
-        except RunLockedError as e:
-            refusal = str(e)
-    refusal = collective.broadcast(refusal)
-    if refusal:
-        raise RunLockedError(refusal)
-    return lock
+    taken = []
+    collective.on_main(lambda: taken.append(FolderLock(folder, name, what).acquire()))
+    return taken[0] if taken else None

@@ -113,6 +113,7 @@ def test_the_runs_held_out_check_names_its_filter_scorer_and_the_demo_is_judged_
     import artaug_ext.eval.run as eval_run
     import artaug_ext.lora as lora
     from artaug_ext.cli.demo import DEMO_RECIPE
+    from artaug_ext.dist import Collective
     from artaug_ext.errors import UsageError
     from artaug_ext.eval.scoring import make_scorer as eval_scorer
     from artaug_ext.interact.scorers import make_scorer as filter_scorer
@@ -131,7 +132,8 @@ def test_the_runs_held_out_check_names_its_filter_scorer_and_the_demo_is_judged_
     monkeypatch.setattr(lora, "unload_lora", lambda pipe, *a: None)
     run = RecipeRun.__new__(RecipeRun)
     run.recipe, run.out_dir, run.pipe, run.main = recipe, str(tmp_path), None, True
-    run.model_dir = run.device = run.collective = None
+    run.model_dir = run.device = None
+    run.collective = Collective()  # one process
     run.progress, run.round_loras = False, []
     run._held_out_check()
     cfg = seen["cfg"]

@@ -256,3 +256,26 @@ def test_a_run_with_log_with_tensorboard_writes_the_losses_as_event_files(tmp_pa
         logged = read_loss_log(str(out / stage))
         assert [s for s, _ in events] == [r["step"] for r in logged]
         assert [v for _, v in events] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+
+
+def test_an_error_in_main_only_work_reaches_every_rank(tmp_path):
+    """Not only a held lock: any error of the main process's share (a filesystem without flock,
+    a full disk) is raised on every rank, instead of leaving them waiting in a collective."""
+    heard: list = []
+    launch = [_Launch(rank, 4, heard) for rank in range(4)]
+    ran = []
+
+    def fails():
+        ran.append(1)
+        raise OSError(37, "No locks available")
+
+    with pytest.raises(OSError, match="No locks available"):
+        launch[0].on_main(fails)
+    for collective in launch[1:]:
+        with pytest.raises(UsageError, match=r"No locks available"):
+            collective.on_main(fails)
+    assert ran == [1]  # the main process alone did the work
+    heard.clear()
+    for collective in launch:
+        collective.on_main(lambda: ran.append(2))
+    assert ran == [1, 2]

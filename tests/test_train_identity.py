@@ -207,3 +207,18 @@ def test_a_checkpoint_is_refused_on_other_data_and_in_the_old_format(trained, tm
     done_file.write_text(json.dumps({**info, "format": 3}))
     with pytest.raises(UsageError, match=r"checkpoint-2: a checkpoint of another format \(3\); delete the folder"):
         go("original")
+
+
+def test_a_stage_resumed_on_another_number_of_processes_is_refused(trained, monkeypatch):
+    """The global batch and each sample's position depend on the process count: a 16-GPU stage
+    resumed on 8 would train another LoRA."""
+    folder = trained["done"]
+    before = file_tree(folder)
+    monkeypatch.setattr(differential, "train", _no_training)
+
+    class TwoProcesses:
+        num_processes, is_main_process = 2, True
+
+    with pytest.raises(UsageError, match=r"holds a stage trained with other settings \(processes: 1 -> 2\)"):
+        train_round_lora(_dit(), _cache(), SETTINGS, str(folder), accelerator=TwoProcesses(), progress=False)
+    assert file_tree(folder) == before

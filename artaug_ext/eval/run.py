@@ -327,7 +327,7 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
 
             paths = model_paths(cfg.model, model_dir)
         record = folder_record(cfg, paths, model_dir)
-        check_folder(out_dir, record)
+        collective.on_main(lambda: check_folder(out_dir, record))  # it may remove a stale arm's images
         if scorer is None:
             from .scoring import make_scorer
 

@@ -47,11 +47,12 @@ logger = logging.getLogger(__name__)
 RUN_FORMAT = 1
 
 
-def _check_run_json(out_dir: str, recipe: Recipe, main: bool) -> None:
+def _check_run_json(out_dir: str, recipe: Recipe) -> None:
+    """On the main process (it may repair the record): the folder holds a run of this recipe."""
     path = os.path.join(out_dir, RUN_JSON)
     resolved = {"format": RUN_FORMAT, "recipe": recipe.to_dict(), "prompts": recipe.prompts()}
     problem = _damaged_json(path, "run record")
-    if problem and main and _same_recipe_file(out_dir, recipe):
+    if problem and _same_recipe_file(out_dir, recipe):
         logger.warning("%s: %s; the folder's recipe.toml is this recipe: writing it again", path, problem)
         os.remove(path)
     elif problem:
@@ -60,7 +61,7 @@ def _check_run_json(out_dir: str, recipe: Recipe, main: bool) -> None:
                               "again and resumes")
     record_settings(path, resolved, f"--out {out_dir} holds a run of another recipe ({{diff}}); resume with the same "
                     "recipe, or give a new --out for this one (nothing there was changed)", write=False)
-    if main and not os.path.exists(path):
+    if not os.path.exists(path):
         atomic_write_json(path, resolved, shared=True)
         if recipe.path and os.path.isfile(recipe.path):
             shutil.copyfile(recipe.path, os.path.join(out_dir, "recipe.toml"))
@@ -249,7 +250,7 @@ class RecipeRun:
         lock = lock_folder(self.out_dir, self.collective, RUN_LOCK)
         try:
             self.collective.check_shared_folder(self.out_dir)
-            _check_run_json(self.out_dir, self.recipe, self.main)
+            self.collective.on_main(lambda: _check_run_json(self.out_dir, self.recipe))  # it may repair run.json
             self._barrier()
             self._setup()
             return self._rounds_and_final()
@@ -361,7 +362,7 @@ class RecipeRun:
         unload_lora(self.pipe)  # every round's LoRA, read back from the model files: the base again, bit for bit
         self.round_loras = []
         folder = os.path.join(self.out_dir, FINAL_EVAL)
-        _drop_other_eval(folder, cfg, self.pipe, self.model_dir)
+        self.collective.on_main(lambda: _drop_other_eval(folder, cfg, self.pipe, self.model_dir))
         result = run_eval(cfg, folder, pipe=self.pipe, model_dir=self.model_dir, device=self.device,
                           progress=self.progress, collective=self.collective)
         what = (f"The base model against base + the final LoRA on {len(items)} held-out prompts ({e.prompts}, none "

@@ -70,15 +70,16 @@ def _stage_done(folder: str) -> bool:
 
 def stage_config(cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str, seed: int, steps: int,
                  base_loras=(), lora_1: str | None = None, latents_sha256: dict | None = None,
-                 progress: bool = True) -> TrainConfig:
+                 progress: bool = True, processes: int = 1) -> TrainConfig:
     """The loop's config of one stage. Its identity (the stage record and every checkpoint)
     holds everything the stage's LoRA depends on: every training setting, the step count, the
-    images (side, pair ids in order, each pair's cached tensors' sha256) and the base it trains
-    on top of (the sha256s of the LoRAs merged into the DiT; `lora_1`: stage 2's LoRA_1)."""
+    images (side, pair ids in order, each pair's cached tensors' sha256), the base it trains
+    on top of (the sha256s of the LoRAs merged into the DiT; `lora_1`: stage 2's LoRA_1) and
+    the number of processes (the global batch and each sample's position depend on it)."""
     latents = latents_sha256 if latents_sha256 is not None else cache.pair_sha256s()
     depends_on = {"image_side": image_side, "pairs": list(cache.ids),
                   "pairs_sha256": {pair_id: latents[pair_id] for pair_id in cache.ids},
-                  "base_loras": list(base_loras), LORA_1: lora_1}
+                  "base_loras": list(base_loras), LORA_1: lora_1, "processes": processes}
     return TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
                        progress=progress, depends_on=depends_on)
 
@@ -122,7 +123,8 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
     removed again before returning, so the DiT's module tree is unchanged."""
     from safetensors.torch import load_file
 
-    cfg = stage_config(cache, image_side, settings, folder, seed, steps, base_loras, lora_1, latents_sha256, progress)
+    cfg = stage_config(cache, image_side, settings, folder, seed, steps, base_loras, lora_1, latents_sha256, progress,
+                       processes=_processes(accelerator))
     record = _stage_record(cfg)
     _check_stage_folder(folder, record)
     if not os.path.exists(os.path.join(folder, STAGE_RECORD)):
@@ -184,14 +186,19 @@ def _round_stages(cache: LatentCache, settings: LoRATrainSettings, folder: str) 
                                  settings.seed + 1000 * (i + 1)) for i, pair_id in enumerate(cache.ids)]
 
 
-def _check_round_folders(stages: list[_Stage], settings: LoRATrainSettings, base_loras, latents: dict) -> None:
+def _processes(accelerator) -> int:
+    return 1 if accelerator is None else accelerator.num_processes
+
+
+def _check_round_folders(stages: list[_Stage], settings: LoRATrainSettings, base_loras, latents: dict,
+                         processes: int = 1) -> None:
     """Every stage folder of the round against what it would be trained with, before any
     training: a stale folder is refused here, naming the setting and the folder. Stage 2's
     LoRA_1 is known only once stage 1 is done; a stage 2 that holds anything while its stage 1
     has no LoRA was trained on a LoRA_1 that is gone."""
     for st in stages:
         cfg = stage_config(st.cache, st.image_side, settings, st.folder, st.seed, st.steps, base_loras, None, latents,
-                           progress=False)
+                           progress=False, processes=processes)
         _check_stage_folder(st.folder, _stage_record(cfg), ignore=(LORA_1,) if st.lora_1_of else ())
         if st.lora_1_of and os.path.isdir(st.folder) and os.listdir(st.folder) and not _stage_done(st.lora_1_of):
             raise UsageError(f"{st.folder} was trained on a LoRA_1 that {st.lora_1_of} no longer holds; delete "
@@ -237,7 +244,8 @@ def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATra
     base_loras = list(base_loras)
     latents = cache.pair_sha256s()
     groups = _round_stages(cache, settings, folder)
-    _check_round_folders([st for group in groups for st in group], settings, base_loras, latents)
+    _check_round_folders([st for group in groups for st in group], settings, base_loras, latents,
+                         _processes(accelerator))
     out = os.path.join(folder, LORA_FILE)
     info: dict = {"mode": settings.mode, "pairs": len(cache), "settings": asdict(settings), "base_loras": base_loras}
     main = accelerator is None or accelerator.is_main_process
