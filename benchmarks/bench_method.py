@@ -11,8 +11,14 @@ Settings are chosen on dev; test is measured once, for the configuration chosen 
 Arms, each against the base model on the same held-out prompts and seeds:
   batched-1     the batched differential LoRA after round 1 (stage 1 + stage 2 steps)
   batched-2     after round 2 (round 1 + round 2, the run's final LoRA before truncation)
-  sft           one LoRA on round 1's enhanced images only, trained for stage 1 + stage 2 steps
-                (the same optimizer steps as batched-1), on the same latent cache
+                (--mode dpo: dpo-1, dpo-2, the run's Flow-DPO LoRAs: one paired stage of --steps)
+  sft           one LoRA on round 1's enhanced images only, on the same latent cache, at equal
+                compute: stage 1 + stage 2 steps (batched), or --steps x the DPO sample cost
+                (dpo: a step trains both images of a pair and runs the reference: 8/3 images)
+  batched       (--mode dpo) the batched differential LoRA on round 1's cache, at the run's
+                resolution, stage 1 + stage 2 = the sft arm's steps
+  dpo-b{beta}   (--dpo-betas) more Flow-DPO LoRAs on round 1's cache, another beta each
+  dpo-scored    (--scored-arm, with --keep enhanced) Flow-DPO on the pairs the scorer kept only
   per-pair      (--per-pair) a LoRA_1/LoRA_2 per pair of round 1 (a subset: --per-pair-pairs), averaged
   tone          NO training: the base's own images, globally tone-corrected (auto-contrast, then a
                 gamma that moves mean luma to 0.45)
@@ -41,11 +47,14 @@ how many configurations were run on dev before the reported one.
     python benchmarks/bench_method.py --out runs/bench_method_dev                  # dev, the mandatory arms
     python benchmarks/bench_method.py --out runs/bench_method_test --split test    # once, the chosen settings
     python benchmarks/bench_method.py --out /tmp/bm --quick                        # a few minutes, small numbers
+    python benchmarks/bench_method.py --out runs/bm_recipe --recipe recipes/tiny_artaug.toml --heldout multi
+                                      # the shipped recipe as it is: its run, then the arms on its round 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -119,6 +128,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--full-res", action="store_true", help="train every LoRA at the generation resolution")
+    p.add_argument("--mode", choices=("batched", "dpo"), default="batched", help="the run's training mode")
+    p.add_argument("--keep", choices=("score", "enhanced"), default="score",
+                   help="the pairs a round trains on: the scorer's verdict, or every enhanced pair")
+    p.add_argument("--dpo-beta", type=float, default=500.0, help="the run's Flow-DPO beta (--mode dpo)")
+    p.add_argument("--dpo-betas", default="", help="comma-separated: more DPO arms on round 1's cache")
+    p.add_argument("--scored-arm", action="store_true",
+                   help="(--keep enhanced) also a DPO arm on the pairs the scorer kept")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--recipe", default=None,
+                   help="a recipe file: its run as it is (model, prompts, rounds, [filter], [train]); the training "
+                        "options above are then taken from it")
     p.add_argument("--per-pair", action="store_true", help="also the per-pair arm")
     p.add_argument("--per-pair-pairs", type=int, default=6, help="pairs of round 1 for the per-pair arm")
     p.add_argument("--model", default="tiny", help="tiny (tiny-random: plumbing only, its images are noise)")
@@ -138,18 +159,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_settings(args) -> dict:
     from artaug_ext.pipeline import default_size
 
+    if args.recipe:
+        from artaug_ext.recipe.config import load_recipe
+        from artaug_ext.train.settings import LoRATrainSettings
+
+        t = load_recipe(args.recipe).train
+        return {k: v for k, v in dataclasses.asdict(t).items() if v != getattr(LoRATrainSettings(), k)}
     resolution = None if args.full_res else min(128, args.size or default_size(args.model))
-    return dict(mode="batched", rank=8, lr=args.lr, steps_stage1=args.steps, steps_stage2=args.steps, batch_size=4,
-                resolution=resolution, checkpoint_every=10)
+    out = dict(mode=args.mode, rank=args.rank, lr=args.lr, steps_stage1=args.steps, steps_stage2=args.steps,
+               batch_size=args.batch_size, resolution=resolution, checkpoint_every=10)
+    if args.mode == "dpo":
+        out["dpo_beta"] = args.dpo_beta
+    return out
 
 
 def configuration(args) -> dict:
-    """What the figures depend on besides the split: the settings a choice on dev is made among."""
+    """What the figures depend on besides the split: the settings a choice on dev is made among
+    (keys added since the ledger began appear only when they differ from the old behaviour)."""
+    extra = {}
+    if args.keep != "score":
+        extra["keep"] = args.keep
+    if args.dpo_betas:
+        extra["dpo_betas"] = args.dpo_betas
+    if args.scored_arm:
+        extra["scored_arm"] = True
+    if args.recipe:
+        from artaug_ext.recipe.config import load_recipe
+
+        return {"recipe": load_recipe(args.recipe).to_dict(), "heldout": args.heldout, "eval_prompts": args.eval_prompts,
+                "eval_seeds": args.eval_seeds}
     return {"model": args.model, "size": args.size, "gen_steps": args.gen_steps, "train_prompts": args.train_prompts,
             "rounds": args.rounds, "train": train_settings(args), "heldout": args.heldout,
             "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds, "per_pair": args.per_pair,
             "per_pair_pairs": args.per_pair_pairs if args.per_pair else None,
-            **({"margin": args.margin} if args.margin else {})}  # the default margin: as the ledger's first entries
+            **({"margin": args.margin} if args.margin else {}), **extra}  # the default margin: as the ledger's first entries
+
+
+def sft_steps(settings: dict) -> int:
+    """The sft arm's steps, at the run's compute: stage 1 + stage 2 (batched), or a DPO stage's
+    steps x its sample cost (both images forward and backward, and the reference's forward)."""
+    from artaug_ext.recipe.plan import DPO_SAMPLE_COST
+
+    if settings.get("mode") == "dpo":
+        return round(settings["steps_stage2"] * DPO_SAMPLE_COST)
+    return settings["steps_stage1"] + settings["steps_stage2"]
 
 
 def ledger_counts(path: str, config: dict) -> dict:
@@ -167,32 +220,55 @@ def ledger_counts(path: str, config: dict) -> dict:
 def train_arms(args, out: str, settings: dict):
     """The run (batched arms, one per round), and the sft (and per-pair) LoRAs on round 1's cache."""
     from artaug_ext.eval.run import Arm
+    from artaug_ext.files import read_json
     from artaug_ext.interact.pairs import read_pairs
     from artaug_ext.pipeline import load_pipeline
     from artaug_ext.recipe.config import recipe_from_dict
     from artaug_ext.recipe.layout import cumulative_round_loras, round_dir
     from artaug_ext.recipe.runner import run_recipe
     from artaug_ext.train.cache import load_cache
-    from artaug_ext.train.differential import LoRATrainSettings, train_round_lora
+    from artaug_ext.train.differential import STAGE_RECORD, LoRATrainSettings, train_round_lora
 
-    data = {"prompts": training_prompts(args.train_prompts), "steps": args.gen_steps or 8}
-    if args.size:
-        data["size"] = args.size
-    recipe = recipe_from_dict({
-        "run": {"model": args.model, "rounds": args.rounds, "seed": 0, "stop_mean_gain": -1.0, "name": "bench_method"},
-        "data": data, "critic": {"backend": "heuristic"}, "filter": {"scorer": SELECTION, "margin": args.margin}, "train": settings})
+    if args.recipe:
+        from artaug_ext.recipe.config import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        recipe.eval = None  # the bench's own held-out eval judges it
+        args.model = recipe.run.model
+    else:
+        data = {"prompts": training_prompts(args.train_prompts), "steps": args.gen_steps or 8}
+        if args.size:
+            data["size"] = args.size
+        recipe = recipe_from_dict({
+            "run": {"model": args.model, "rounds": args.rounds, "seed": 0, "stop_mean_gain": -1.0, "name": "bench_method"},
+            "data": data, "critic": {"backend": "heuristic"},
+            "filter": {"scorer": SELECTION, "margin": args.margin, "keep": args.keep}, "train": settings})
+    mode = recipe.train.mode
     t0 = time.perf_counter()
     summary = run_recipe(recipe, os.path.join(out, "run"), progress=False)
     run_seconds = time.perf_counter() - t0
-    arms = [Arm("base")] + [Arm(name.replace("round-", "batched-"), loras)
+    arms = [Arm("base")] + [Arm(name.replace("round-", f"{mode}-"), loras)
                             for name, loras in cumulative_round_loras(os.path.join(out, "run"))]
     pipe = load_pipeline(args.model)
     folder = round_dir(os.path.join(out, "run"), 1)
-    pairs = read_pairs(os.path.join(folder, "interact"))
+    kept = read_pairs(os.path.join(folder, "interact"))
+    records = [os.path.join(folder, stage, STAGE_RECORD) for stage in ("stage1", "dpo", "stage2")]
+    trained = next((read_json(r, "stage record", "")["pairs"] for r in records if os.path.isfile(r)), [])
+    every = {q.id: q for q in read_pairs(os.path.join(folder, "interact"), kept_only=False)}
+    pairs = [every[i] for i in trained]  # the pairs round 1 trained on, in its order
     chosen = []
     if pairs:
-        cache = load_cache(os.path.join(folder, "cache"), [q.id for q in pairs])
-        trainings = [("sft", cache, {"mode": "sft", "steps_stage2": settings["steps_stage1"] + settings["steps_stage2"]})]
+        cache = load_cache(os.path.join(folder, "cache"), trained)
+        equal = sft_steps(settings)
+        trainings = [("sft", cache, {"mode": "sft", "steps_stage2": equal})]
+        if mode == "dpo":
+            half = equal // 2
+            trainings.append(("batched", cache, {"mode": "batched", "steps_stage1": equal - half, "steps_stage2": half}))
+            for beta in filter(None, args.dpo_betas.split(",")):
+                trainings.append((f"dpo-b{float(beta):g}", cache, {"dpo_beta": float(beta)}))
+            if args.scored_arm and recipe.filter.keep == "enhanced":
+                ids = {q.id for q in kept}
+                trainings.append(("dpo-scored", cache.subset([i for i, q in enumerate(pairs) if q.id in ids]), {}))
         if args.per_pair:
             chosen = sorted(range(len(pairs)), key=lambda i: -(pairs[i].gain or 0))[:args.per_pair_pairs]
             trainings.append(("per-pair", cache.subset(sorted(chosen)), {"mode": "per-pair", "batch_size": 1}))
@@ -283,19 +359,23 @@ def arm_rows(comparisons: dict) -> list[dict]:
     return rows
 
 
-def target(rows: list[dict]) -> dict:
-    """The target, per batched arm: Delta E win interval above 50%, lighting accuracy at most 2
-    points down, and (batched-1) a mean Delta E no higher than sft's at equal steps."""
+def target(rows: list[dict], mode: str = "batched") -> dict:
+    """The target, per arm of the run (`{mode}-{round}`): Delta E win interval above 50%, at least
+    half the oracle's mean Delta E gain on the same images, lighting accuracy at most 2 points
+    down, and (round 1) a mean Delta E no higher than sft's at equal compute."""
     by = {r["arm"]: r for r in rows}
+    oracle = by.get("oracle", {}).get("fidelity_delta_e", {})
     out = {}
     for name, r in by.items():
-        if not name.startswith("batched-") or "win" not in r["fidelity_delta_e"]:
+        if not name.startswith(f"{mode}-") or not name[len(mode) + 1:].isdigit() or "win" not in r["fidelity_delta_e"]:
             continue
         de, light = r["fidelity_delta_e"], r["fidelity_lighting"]
         checks = {"delta_e_win_above_50": de["win_ci"][0] > 0.5,
                   "lighting_within_2_points": "base" in light and 100 * (light["base"] - light["arm"]) <= 2}
+        if "arm" in oracle:
+            checks["half_the_oracle_gain"] = de["base"] - de["arm"] >= 0.5 * (oracle["base"] - oracle["arm"])
         sft = by.get("sft", {}).get("fidelity_delta_e", {})
-        if name == "batched-1" and "arm" in sft:
+        if name == f"{mode}-1" and "arm" in sft:
             checks["not_worse_than_sft"] = de["arm"] <= sft["arm"]
         out[name] = {**checks, "met": all(checks.values())}
     return out
@@ -371,14 +451,17 @@ def main(argv=None) -> int:
     control = control_arms(out, cfg, pipe)
     rows = arm_rows({**result["comparisons"], **control["comparisons"]})
     figures = {"rounds": summary["rounds"], "suggestions": suggestion_counts(out, summary["rounds"]), "arms": rows,
-               "target": target(rows),
+               "target": target(rows, recipe.train.mode),
                "held_out": {"set": heldout, "split": args.split, "prompts": len(prompts), "seeds": args.eval_seeds},
                "ledger": {"path": ledger, **counts, "prior_dev_configs": args.prior_dev_configs},
                "configuration": config, "training_prompts": len(trained), "per_pair_pairs": n_pairs,
                "oracle_enhanced_images": control["oracle_enhanced_images"], "quick": args.quick,
                "selection_scorer": SELECTION, "scorer": SCORER,
-               "settings": {"steps_per_stage": args.steps, "sft_steps": 2 * args.steps, "lr": args.lr, "rank": 8,
-                            "batch_size": 4, "resolution": settings["resolution"]},
+               "settings": {"mode": recipe.train.mode, "keep": recipe.filter.keep,
+                            "steps_per_stage": recipe.train.steps_stage2, "sft_steps": sft_steps(settings),
+                            "lr": recipe.train.lr, "rank": recipe.train.rank, "batch_size": recipe.train.batch_size,
+                            "resolution": recipe.train.resolution,
+                            **({"dpo_beta": recipe.train.dpo_beta} if recipe.train.mode == "dpo" else {})},
                "seconds": {"run": round(t_run, 1), "sft_and_per_pair": round(t_train - t_run, 1),
                            "eval": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)}}
     path = args.json or os.path.join(out, "method.json")

@@ -36,15 +36,16 @@ def _csv_rows(path: str) -> list[dict]:
     return rows
 
 
-def read_pairs(path: str) -> list[Pair]:
+def read_pairs(path: str, kept_only: bool = True) -> list[Pair]:
     """The kept pairs of a pair dataset: a run folder of `artaug interact` (its manifest), or the
     output of `artaug interact-export` (original/ and enhanced/ with metadata.csv). Every image
-    must exist; the error names the file that does not."""
+    must exist; the error names the file that does not. `kept_only=False` (a run folder): every
+    enhanced item, kept by the filter or not."""
     if os.path.isdir(os.path.join(path, "shards")) or os.path.isfile(os.path.join(path, "manifest.jsonl")):
         records = shard_records(path) if os.path.isdir(os.path.join(path, "shards")) else read_manifest(
             os.path.join(path, "manifest.jsonl"))
         pairs = [Pair(r["id"], r["prompt"], os.path.join(path, r["original"]), os.path.join(path, r["enhanced"]),
-                      r.get("gain")) for r in records if r.get("kept") and r.get("enhanced")]
+                      r.get("gain")) for r in records if (r.get("kept") or not kept_only) and r.get("enhanced")]
     elif os.path.isfile(os.path.join(path, "original", "metadata.csv")):
         originals = _csv_rows(os.path.join(path, "original", "metadata.csv"))
         enhanced = _csv_rows(os.path.join(path, "enhanced", "metadata.csv"))

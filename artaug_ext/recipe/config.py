@@ -66,9 +66,15 @@ class CriticSection:
     concurrency: int = 4
 
 
+KEEP_RULES = ("score", "enhanced")  # [filter] keep: the scorer's verdict, or every enhanced pair
+
+
 @dataclass
 class FilterSection:
     scorer: str = "heuristic"
+    # which pairs a round trains on: "score" (the scorer's verdict: gain above margin, alignment
+    # kept) or "enhanced" (every item the critic had a usable suggestion for)
+    keep: str = "score"
     margin: float = 0.0
     relative: bool = False
     alignment_tolerance: float = 0.0
@@ -269,6 +275,8 @@ def _check_values(r: Recipe, where) -> None:
         raise UsageError(f"{where('run', 'final_rank')}: run.final_rank must be positive (or left out for the exact sum)")
     if r.critic.backend not in CRITICS:
         raise UsageError(f"{where('critic', 'backend')}: critic.backend {r.critic.backend!r}: use {', '.join(CRITICS)}")
+    if r.filter.keep not in KEEP_RULES:
+        raise UsageError(f"{where('filter', 'keep')}: filter.keep {r.filter.keep!r}: use one of {', '.join(KEEP_RULES)}")
     if not 0 < r.filter.keep_fraction <= 1:
         raise UsageError(f"{where('filter', 'keep_fraction')}: filter.keep_fraction must be in (0, 1]")
     if r.data.images_per_prompt <= 0:

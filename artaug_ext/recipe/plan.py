@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 
+from ..train.settings import SINGLE_STAGE_MODES
 from .config import Recipe
 
 # The ArtAug authors report keeping about 1-2% of generated pairs; the estimate assumes the top
 # of that range unless the recipe caps the pairs per round.
 ASSUMED_KEEP_RATE = 0.02
+# A DPO sample is a pair: both images forward and backward (2 samples' work) and the reference's
+# forward without gradients (about a third of a sample's forward + backward each: 2/3).
+DPO_SAMPLE_COST = 2 + 2 / 3
 
 
 def _presence(recipe: Recipe, model_dir: str | None) -> list[str]:
@@ -68,7 +72,7 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
     side = size if isinstance(size, int) else max(size)
     m = memory_plan(c.shapes, targets=t.target_modules, rank=t.rank, dtype_bytes=GPU_DTYPE_BYTES, device="cuda",
                     train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
-                    batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus)
+                    batch_size=t.batch_size * (2 if t.mode == "dpo" else 1), gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus)
     p = m.parts
     return [f"memory (counted from {c.name}'s per-layer shapes in bf16 on CUDA; beyond the runtime):",
             f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
@@ -119,11 +123,13 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
     # An enhanced image runs the DiT on the global prompt and every region prompt at each step.
     item_s = image_s * (2 + recipe.critic.max_suggestions) + (est.critic_seconds if recipe.critic.backend != "heuristic" else 0.0)
     pairs = pairs_estimate(recipe, items)
-    stage_steps = (0 if t.mode == "sft" else t.steps_stage1) + t.steps_stage2
+    stage_steps = (0 if t.mode in SINGLE_STAGE_MODES else t.steps_stage1) + t.steps_stage2
     # Generation is sharded by rank; training is DDP: every rank runs a full batch a step (the
     # global batch grows with the GPUs, the wall time does not shrink), and per-pair mode trains
     # its pairs one after the other, each on every rank.
     train_steps = stage_steps * (pairs if t.mode == "per-pair" else 1) * t.grad_accum * t.batch_size
+    if t.mode == "dpo":  # each sample is a pair: both images forward and backward, and the reference forward
+        train_steps *= DPO_SAMPLE_COST
     round_s = items * item_s / gpus + train_steps * step_s
     total_s = round_s * r.rounds
     lines += ["estimate (assumptions, not measurements of this run):",

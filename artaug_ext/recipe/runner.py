@@ -192,7 +192,8 @@ class RecipeRun:
         gains = [p.gain for p in pairs if p.gain is not None]
         every = [x["gain"] for x in records if x.get("enhanced") and x.get("gain") is not None]
         keep = self.recipe.filter
-        chosen = sorted(pairs, key=lambda p: (-(p.gain or 0.0), p.id))
+        candidates = pairs if keep.keep == "score" else read_pairs(folder, kept_only=False)
+        chosen = sorted(candidates, key=lambda p: (-(p.gain or 0.0), p.id))
         n = max(1, int(round(len(chosen) * keep.keep_fraction))) if chosen else 0
         if keep.max_pairs is not None:
             n = min(n, keep.max_pairs)
@@ -236,7 +237,7 @@ class RecipeRun:
                                 progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
         record.lora = os.path.relpath(lora.path, self.out_dir)
         record.lora_sha256 = sha256_file(lora.path)
-        record.train = _loss_summary(lora.info.get("losses", {}))
+        record.train = _loss_summary(lora.info.get("losses", {}), lora.info.get("gaps", {}))
         record.energy_min = lora.info.get("energy_min")
         record.seconds = round(time.perf_counter() - t0, 1)
         load_lora(self.pipe, lora.path, undo=False)  # the running base of the next round: no host copy
@@ -487,11 +488,17 @@ def _ends(values: list[float]) -> dict:
     return {"first": sum(values[:n]) / n, "last": sum(values[-n:]) / n, "window": n, "steps": len(values)}
 
 
-def _loss_summary(losses: dict) -> dict:
-    """Per stage, the loss at the start and the end of training (`_ends`); per-pair runs:
+def _loss_summary(losses: dict, gaps: dict | None = None) -> dict:
+    """Per stage, the loss at the start and the end of training (`_ends`) and its paired gap
+    (enhanced minus original error under fixed draws) before and after; per-pair runs: losses
     averaged over pairs."""
-    if "stage2" in losses:
-        return {k: _ends(v) for k, v in losses.items()}
+    if "stage2" in losses or "dpo" in losses:
+        out = {k: _ends(v) for k, v in losses.items()}
+        for k, gap in (gaps or {}).items():
+            if gap and k in out:
+                out[k]["paired_gap"] = {"before": gap["before"]["gap"], "after": gap["after"]["gap"],
+                                        "learned": gap["learned"]}
+        return out
     out = {}
     for stage in ("stage1", "stage2"):
         runs = [_ends(v[stage]) for v in losses.values() if v.get(stage)]

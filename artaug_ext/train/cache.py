@@ -69,6 +69,12 @@ class LatentCache:
             out[pair_id] = h.hexdigest()
         return out
 
+    def pairs_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A training batch of both images of each pair with their prompt (paired objectives)."""
+        ix = torch.tensor(indices, dtype=torch.long)
+        return {"original": self.original[ix], "enhanced": self.enhanced[ix], "prompt_emb": self.prompt_emb[ix],
+                "pooled_prompt_emb": self.pooled_prompt_emb[ix]}
+
     def batch(self, image_side: str, indices: list[int]) -> dict[str, torch.Tensor]:
         """A training batch of the `image_side` images ("original" or "enhanced") with their prompts."""
         ix = torch.tensor(indices, dtype=torch.long)

@@ -10,7 +10,15 @@ not the content both share. Modes:
 - `per-pair`: a LoRA_1 / LoRA_2 per pair (DiffSynth's Differential_LoRA recipe), the LoRA_2s
   averaged exactly (rank concatenation / N) and truncated to the target rank, the retained
   energy reported;
-- `sft`: the ablation, one LoRA trained on the enhanced images only.
+- `sft`: the ablation, one LoRA trained on the enhanced images only;
+- `dpo`: one LoRA trained on both images of each pair under the SAME noise and timestep, by
+  Flow-DPO (enhanced preferred, original rejected, the running base as reference): what a
+  pair's images share cancels exactly instead of being absorbed by a LoRA_1.
+
+Every stage also measures its paired gap (`gap.json`): the mean flow-matching error of the
+enhanced images minus the originals' under the same fixed noise and timesteps, before the stage
+(adapters off) and after it. A stage that learned the difference lowers it; one that learned
+what both images share lowers both errors and leaves the gap.
 
 Every stage writes into its own folder (stage.json first: everything the stage's LoRA
 depends on; then checkpoints, loss.jsonl, and lora.safetensors last), so a run killed anywhere
@@ -30,15 +38,20 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_write_json, check_safetensors, first_difference, read_json, sha256_file
 from .cache import LatentCache
-from .flow import FlowMatchObjective, FluxDenoiser
-from .loop import TrainConfig, train
-from .lora import inject_lora, lora_state_dict, remove_lora, save_lora
+from .flow import FlowDPOObjective, FlowMatchObjective, FluxDenoiser, paired_draw, paired_errors
+from .loop import SampleRandom, TrainConfig, train
+from .lora import adapters_disabled, inject_lora, lora_state_dict, remove_lora, save_lora
 from .loss_log import read_loss_log
 from .settings import MODES, LoRATrainSettings  # noqa: F401  (MODES: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
 LORA_FILE = "lora.safetensors"
+GAP_FILE = "gap.json"  # a stage's paired gap before and after it trained
+# The paired gap's fixed draws: the same noise and timesteps for every stage, round and model
+# state, so gaps are comparable; the first GAP_PAIRS pairs, GAP_DRAWS draws each.
+GAP_SEED, GAP_PAIRS, GAP_DRAWS = 2412_12888, 64, 2
+PAIRS_SIDE = "pairs"  # the image side of a DPO stage: both images of each pair
 
 
 @dataclass
@@ -137,18 +150,28 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
         objective = FlowMatchObjective(weighting=settings.weighting, guidance=settings.guidance,
                                        sampling=settings.timestep_sampling)
         dtype = next(dit.parameters()).dtype
+        if image_side == PAIRS_SIDE:
+            dpo = FlowDPOObjective(objective, settings.dpo_beta, lambda: adapters_disabled(dit))
 
-        def loss_fn(model, batch, rng):
-            return objective(model, batch["latents"], batch["prompt_emb"], batch["pooled_prompt_emb"], rng)
+            def loss_fn(model, batch, rng):
+                return dpo(model, batch, rng)
 
-        def get_batch(indices):
-            return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
+            def get_batch(indices):
+                return {k: v.to(dtype) for k, v in cache.pairs_batch(indices).items()}
+        else:
+            def loss_fn(model, batch, rng):
+                return objective(model, batch["latents"], batch["prompt_emb"], batch["pooled_prompt_emb"], rng)
+
+            def get_batch(indices):
+                return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
 
         result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator)
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
         state = lora_state_dict(dit)
+        gap = paired_gap(denoiser, cache, objective, settings.batch_size, dtype)
         if accelerator is None or accelerator.is_main_process:
+            atomic_write_json(os.path.join(folder, GAP_FILE), gap)
             save_lora(state, os.path.join(folder, LORA_FILE), {"stage": os.path.basename(folder), "image_side": image_side,
                                                                  "steps": steps, "rank": settings.rank})
         if accelerator is not None:
@@ -156,6 +179,47 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
     finally:
         remove_lora(dit)
     return state
+
+
+def _errors_on(denoiser, cache: LatentCache, objective: FlowMatchObjective, batch_size: int, dtype) -> dict:
+    """Mean error of the originals and of the enhanced images under the fixed paired draws."""
+    n = min(len(cache), GAP_PAIRS)
+    sums = {"original": 0.0, "enhanced": 0.0}
+    jobs = [(i, d) for d in range(GAP_DRAWS) for i in range(n)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        batch = {k: v.to(dtype) for k, v in cache.pairs_batch([i for i, _ in chunk]).items()}
+        rng = SampleRandom(GAP_SEED, [d * GAP_PAIRS + i for i, d in chunk])
+        e_orig, e_enh = paired_errors(objective, denoiser, batch, paired_draw(objective, rng, batch["original"]))
+        sums["original"] += float(e_orig.sum())
+        sums["enhanced"] += float(e_enh.sum())
+    out = {k: v / len(jobs) for k, v in sums.items()}
+    out["gap"] = out["enhanced"] - out["original"]
+    return out
+
+
+def paired_gap(denoiser, cache: LatentCache, objective: FlowMatchObjective, batch_size: int, dtype) -> dict:
+    """The stage's paired gap: each side's error and their difference (enhanced minus original)
+    under the same fixed noise and timesteps, with the stage's LoRA off (before) and on
+    (after), and `learned`: after minus before (negative: the LoRA made the enhanced images
+    easier relative to the originals, i.e. it learned the pairs' difference)."""
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        with torch.no_grad():
+            with adapters_disabled(denoiser.dit):
+                before = _errors_on(denoiser, cache, objective, batch_size, dtype)
+            after = _errors_on(denoiser, cache, objective, batch_size, dtype)
+    finally:
+        denoiser.train(was_training)
+    return {"pairs": min(len(cache), GAP_PAIRS), "draws": GAP_DRAWS, "seed": GAP_SEED, "before": before,
+            "after": after, "learned": after["gap"] - before["gap"]}
+
+
+def stage_gap(folder: str) -> dict | None:
+    """A finished stage's paired gap (None: the stage was trained before gaps were measured)."""
+    path = os.path.join(folder, GAP_FILE)
+    return read_json(path, "paired gap", f"delete {folder} to train the stage again") if os.path.isfile(path) else None
 
 
 @dataclass
@@ -180,6 +244,8 @@ def _round_stages(cache: LatentCache, settings: LoRATrainSettings, folder: str) 
     """The round's stages, grouped as they train together (one group per pair in per-pair mode)."""
     if settings.mode == "sft":
         return [[_Stage(os.path.join(folder, "stage2"), "enhanced", settings.seed, settings.steps_stage2, cache)]]
+    if settings.mode == "dpo":
+        return [[_Stage(os.path.join(folder, "dpo"), PAIRS_SIDE, settings.seed, settings.steps_stage2, cache)]]
     if settings.mode == "batched":
         return [_differential_stages(cache, settings, folder, settings.seed)]
     return [_differential_stages(cache.subset([i]), settings, os.path.join(folder, f"pair-{pair_id}"),
@@ -251,6 +317,7 @@ def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATra
     main = accelerator is None or accelerator.is_main_process
     if settings.mode != "per-pair":
         state, info["losses"] = _train_stages(dit, groups[0], settings, base_loras, latents, accelerator, progress)
+        info["gaps"] = {os.path.basename(st.folder): stage_gap(st.folder) for st in groups[0]}
     else:
         per_pair, losses = [], {}
         for pair_id, group in zip(cache.ids, groups, strict=True):

@@ -355,14 +355,15 @@ def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
 
 
 def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermutation, cfg: TrainConfig, accelerator,
-               step: int) -> float:
+               step: int) -> tuple[float, dict]:
     """Forward and backward over the step's micro-batches (gradients accumulated, synchronised
-    on the last); returns the step's loss over every rank's samples."""
+    on the last); returns the step's loss and the loss function's metrics (averaged), over
+    every rank's samples."""
     hp = cfg.settings
     info = process_info(accelerator)
     world, rank = info.world, info.rank
     per_step = hp.batch_size * hp.grad_accum * world
-    total = 0.0
+    total, metrics = 0.0, {}
     for micro in range(hp.grad_accum):
         start = step * per_step + (micro * world + rank) * hp.batch_size
         keys = list(range(start, start + hp.batch_size))
@@ -372,6 +373,10 @@ def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermut
         with accelerator.no_sync(model) if not sync and world > 1 else _null():
             with accelerator.autocast():
                 loss = loss_fn(model, batch, SampleRandom(hp.seed, keys))
+            if isinstance(loss, tuple):  # (loss, {name: float}): what the step log records beside the loss
+                loss, step_metrics = loss
+                for k, v in step_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v) / hp.grad_accum
             if not torch.isfinite(loss):
                 from ..errors import NonFiniteError
 
@@ -380,8 +385,11 @@ def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermut
             accelerator.backward(loss / hp.grad_accum)
         total += float(loss.detach()) / hp.grad_accum
     if world > 1:  # the step's loss over every rank's samples (what one process would log)
-        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean"))
-    return total
+        names = sorted(metrics)
+        values = torch.tensor([total] + [metrics[k] for k in names], device=accelerator.device)
+        values = accelerator.reduce(values, "mean").tolist()
+        total, metrics = values[0], dict(zip(names, values[1:], strict=True))
+    return total, metrics
 
 
 def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[int]], dict], dataset_size: int,
@@ -389,8 +397,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
           extra_state: dict | None = None) -> TrainResult:
     """Train `model`'s trainable parameters for `cfg.steps` optimizer steps.
 
-    loss_fn(model, batch, rng) -> scalar loss, with `rng` a `SampleRandom` for the batch's
-    samples; get_batch(indices) -> batch dict (on any device; moved here). `on_step(step, loss)`
+    loss_fn(model, batch, rng) -> scalar loss (or (loss, {name: float}): metrics logged beside
+    it), with `rng` a `SampleRandom` for the batch's samples; get_batch(indices) -> batch dict (on any device; moved here). `on_step(step, loss)`
     runs after each optimizer step on the main process; a step count it sets in `cfg.steps`
     reaches every rank. `extra_state`: objects with state_dict/load_state_dict (an EMA)
     checkpointed with the run. Resumes from the newest checkpoint in `cfg.output_dir` if its
@@ -424,7 +432,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     last_saved = step
     try:
         while step < cfg.steps:
-            total = _step_loss(model, loss_fn, get_batch, order, cfg, accelerator, step)
+            total, metrics = _step_loss(model, loss_fn, get_batch, order, cfg, accelerator, step)
             if hp.max_grad_norm:
                 accelerator.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
@@ -437,10 +445,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
             if main:
-                append_line(log_path, {"step": step, "loss": total, "lr": lr,
+                append_line(log_path, {"step": step, "loss": total, "lr": lr, **metrics,
                                        "seconds": round(time.perf_counter() - t0, 3)})
                 if hp.log_with:
-                    accelerator.log({"loss": total, "lr": lr}, step=step)
+                    accelerator.log({"loss": total, "lr": lr, **metrics}, step=step)
                 if cfg.log_every and step % cfg.log_every == 0:
                     logger.info("step %d loss %.5f (avg %.5f) lr %.3e", step, total, running, lr)
                 if on_step is not None:

@@ -3,6 +3,8 @@ removable, in fp32, and exported so that `load_lora` merges exactly what was tra
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import UsageError
@@ -72,6 +74,26 @@ def lora_layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in unwrap_denoiser(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The model without its LoRA adapters for the block (the base they train on top of: a
+    DPO reference, a paired gap before training); on again after. PEFT's flag that its
+    forward reads, set directly: `enable_adapters` would also flip the adapters'
+    requires_grad, under DDP in the middle of a step whose gradients it synchronises."""
+    layers = list(lora_layers_of(model).values())
+    if any(not isinstance(getattr(layer, "_disable_adapters", None), bool) for layer in layers):
+        raise UsageError("this PEFT version's LoRA layers have no _disable_adapters flag; install a peft of the "
+                         "0.1x-0.2x series (tested: 0.22)")
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before, strict=True):
+            layer._disable_adapters = state
 
 
 def remove_lora(model: torch.nn.Module) -> int:

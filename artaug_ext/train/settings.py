@@ -15,7 +15,8 @@ from ..errors import UsageError
 FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b.2", "a_to_out", "b_to_out",
                      "proj_out", "norm.linear", "norm1_a.linear", "norm1_b.linear", "to_qkv_mlp")
 TIMESTEP_SAMPLING = ("diffsynth", "logit-normal")
-MODES = ("batched", "per-pair", "sft")
+MODES = ("batched", "per-pair", "sft", "dpo")
+SINGLE_STAGE_MODES = ("sft", "dpo")  # one stage, `steps_stage2` steps; no LoRA_1
 SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("diffsynth", "uniform")  # of timestep_sampling "diffsynth"; "logit-normal" is unweighted
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -104,6 +105,9 @@ class LoRATrainSettings(TrainSettings):
     weighting: str = "diffsynth"
     guidance: float = 3.5
     per_pair_rank: int | None = None  # per-pair: rank of the averaged LoRA (None: `rank`; >= pairs x rank: exact)
+    # dpo: Flow-DPO's beta (Wallace et al. 2023, for flow matching): how far the LoRA may move from
+    # the running base (the reference) to rank each pair's enhanced image above its original.
+    dpo_beta: float = 500.0
 
     RUNTIME = (*TrainSettings.RUNTIME, "gradient_checkpointing")  # the same gradients, less memory
     # Fields that shape the round, not one stage: the mode and the step counts choose which stages
@@ -112,8 +116,12 @@ class LoRATrainSettings(TrainSettings):
     ROUND = ("mode", "steps_stage1", "steps_stage2", "per_pair_rank")
 
     def identity(self) -> dict:
-        """What a stage trained with these settings must agree on to be reused or resumed."""
-        return {k: v for k, v in super().identity().items() if k not in self.ROUND}
+        """What a stage trained with these settings must agree on to be reused or resumed. The
+        DPO stage adds its objective and beta (the other modes' identities are as before)."""
+        own = {k: v for k, v in super().identity().items() if k not in self.ROUND and k != "dpo_beta"}
+        if self.mode == "dpo":
+            own.update(objective="dpo", dpo_beta=self.dpo_beta)
+        return own
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -129,7 +137,7 @@ class LoRATrainSettings(TrainSettings):
         for key in ("rank", "steps_stage2"):
             if getattr(self, key) <= 0:
                 self._refuse(key, "must be positive")
-        if self.mode != "sft" and self.steps_stage1 <= 0:
+        if self.mode not in SINGLE_STAGE_MODES and self.steps_stage1 <= 0:
             self._refuse("steps_stage1", f"must be positive in mode {self.mode!r}")
         if self.alpha is not None and not (_number(self.alpha) and self.alpha > 0):
             self._refuse("alpha", "must be positive (or left out: alpha = rank)")
@@ -139,5 +147,7 @@ class LoRATrainSettings(TrainSettings):
             self._refuse("resolution", "must be a positive multiple of 16 (or left out: the generated size)")
         if not self.target_modules:
             self._refuse("target_modules", f"name at least one layer, e.g. {', '.join(FLUX_LORA_TARGETS[:3])}")
+        if not (_number(self.dpo_beta) and self.dpo_beta > 0):
+            self._refuse("dpo_beta", "must be a positive number (Diffusion-DPO uses hundreds to thousands)")
         if not _number(self.guidance):
             self._refuse("guidance", "must be a finite number")
