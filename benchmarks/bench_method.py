@@ -268,7 +268,9 @@ def train_arms(args, out: str, settings: dict):
                 trainings.append((f"dpo-b{float(beta):g}", cache, {"dpo_beta": float(beta)}))
             if args.scored_arm and recipe.filter.keep == "enhanced":
                 ids = {q.id for q in kept}
-                trainings.append(("dpo-scored", cache.subset([i for i, q in enumerate(pairs) if q.id in ids]), {}))
+                scored = [i for i, q in enumerate(pairs) if q.id in ids]
+                if scored:
+                    trainings.append(("dpo-scored", cache.subset(scored), {}))
         if args.per_pair:
             chosen = sorted(range(len(pairs)), key=lambda i: -(pairs[i].gain or 0))[:args.per_pair_pairs]
             trainings.append(("per-pair", cache.subset(sorted(chosen)), {"mode": "per-pair", "batch_size": 1}))

@@ -60,10 +60,15 @@ def format_summary(summary: dict) -> str:
         line = (f"  round {rec.round}: {rec.items} items, {rec.enhanced} enhanced, {rec.kept} kept "
                 f"({rec.kept_fraction:.0%}), mean gain of kept {rec.mean_gain:.4f}; {rec.usable_suggestions} of "
                 f"{rec.suggestions} suggestions had a usable local prompt")
-        stage = (rec.train or {}).get("stage2", {})
+        name, stage = next(((k, v) for k, v in (rec.train or {}).items() if k in ("stage2", "dpo") and v), (None, {}))
         if stage:
-            line += (f"; trained on {rec.trained_pairs} pairs, stage-2 loss {stage['first']:.4f} -> "
-                     f"{stage['last']:.4f} (mean of the first and last {stage.get('window', 1)} steps)")
+            line += (f"; trained on {rec.trained_pairs} pairs, {'stage-2' if name == 'stage2' else 'DPO'} loss "
+                     f"{stage['first']:.4f} -> {stage['last']:.4f} (mean of the first and last "
+                     f"{stage.get('window', 1)} steps)")
+            gap = stage.get("paired_gap")
+            if gap:
+                line += (f"; paired gap (enhanced minus original error) {gap['before']:+.5f} -> {gap['after']:+.5f}"
+                         f" ({'learned the difference' if gap['learned'] < 0 else 'did not learn the difference'})")
         lines.append(line)
     if summary.get("stopped"):
         lines.append(f"  stopped: {summary['stopped']}")

@@ -58,8 +58,30 @@ def _presence(recipe: Recipe, model_dir: str | None) -> list[str]:
 
 
 def pairs_estimate(recipe: Recipe, items: int) -> int:
-    """Kept pairs a round: filter.max_pairs, else the authors' keep rate of the items."""
-    return recipe.filter.max_pairs or max(1, round(items * ASSUMED_KEEP_RATE * recipe.filter.keep_fraction))
+    """Trained pairs a round: filter.max_pairs, else the authors' keep rate of the items (keep
+    "score"), or every item (keep "enhanced": an upper bound, each item the critic improves)."""
+    rate = ASSUMED_KEEP_RATE if recipe.filter.keep == "score" else 1.0
+    return recipe.filter.max_pairs or max(1, round(items * rate * recipe.filter.keep_fraction))
+
+
+def _pairs_source(recipe: Recipe) -> str:
+    if recipe.filter.max_pairs:
+        return "filter.max_pairs"
+    if recipe.filter.keep == "enhanced":
+        return "filter.keep \"enhanced\": every item, at most"
+    return f"{ASSUMED_KEEP_RATE:.0%} of the items, the authors report 1-2%"
+
+
+def _training_line(t) -> str:
+    """The [train] settings as the plan states them: the stages the mode trains."""
+    if t.mode == "dpo":
+        stages = f"one Flow-DPO stage of {t.steps_stage2} steps (beta {t.dpo_beta:g})"
+    elif t.mode == "sft":
+        stages = f"one stage of {t.steps_stage2} steps"
+    else:
+        stages = f"{t.steps_stage1} + {t.steps_stage2} steps"
+    return (f"  training: mode {t.mode}, rank {t.rank}, lr {t.lr:g}, {stages} at batch {t.batch_size} x "
+            f"{t.grad_accum}, resolution {t.resolution or 'as generated'}")
 
 
 def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
@@ -100,8 +122,7 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               f"  {len(prompts)} prompts x {d.images_per_prompt} images = {items} items a round, up to {r.rounds} rounds",
               f"  images {size if isinstance(size, int) else 'x'.join(map(str, size))} px, {steps} steps; each item: "
               f"an original, a critique (<= {recipe.critic.max_suggestions} regions) and an enhanced image",
-              f"  training: mode {t.mode}, rank {t.rank}, lr {t.lr:g}, {t.steps_stage1} + {t.steps_stage2} steps at "
-              f"batch {t.batch_size} x {t.grad_accum}, resolution {t.resolution or 'as generated'}",
+              _training_line(t),
               f"  final: the sum of the round LoRAs{f', truncated to rank {r.final_rank}' if r.final_rank else ''}"]
     lines += _memory_lines(recipe, c, size, pairs_estimate(recipe, items), gpus)
     est = recipe.estimate
@@ -138,7 +159,7 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               + (f", {est.critic_seconds:g} s a critique" if recipe.critic.backend != "heuristic" else ""),
               f"  source: {source}",
               f"  per item: {item_s:.1f} s (original + enhanced at {1 + recipe.critic.max_suggestions} prompts a step)",
-              f"  kept pairs a round: {pairs} ({'filter.max_pairs' if recipe.filter.max_pairs else f'{ASSUMED_KEEP_RATE:.0%} of the items, the authors report 1-2%'})",
+              f"  trained pairs a round: {pairs} ({_pairs_source(recipe)})",
               f"  per round: {items * item_s / gpus / 3600:.2f} h generation + {train_steps * step_s / 3600:.2f} h "
               f"training on {gpus} GPU(s)",
               f"  training is DDP: each of the {gpus} process(es) runs batch {t.batch_size} x {t.grad_accum} a step, a "

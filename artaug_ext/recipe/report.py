@@ -46,21 +46,28 @@ def _rounds_table(rounds: list[RoundRecord]) -> list[str]:
     body = ["<h2>Rounds</h2><table><tr><th>round</th><th>items</th><th>usable suggestions</th><th>enhanced</th><th>kept</th>"
             "<th>kept share</th>"
             "<th>mean gain of kept</th><th>mean gain of enhanced</th><th>trained pairs</th><th>stage-1 loss</th>"
-            "<th>stage-2 loss</th><th>seconds</th></tr>"]
+            "<th>stage-2 (or DPO) loss</th><th>paired gap of the last stage</th><th>seconds</th></tr>"]
     for rec in rounds:
         def loss(stage, train=rec.train or {}):
             s = train.get(stage)
             return f"{s['first']:.4f} &rarr; {s['last']:.4f}" if s else ""
 
+        def gap(train=rec.train or {}):
+            g = next((train[k]["paired_gap"] for k in ("dpo", "stage2") if "paired_gap" in train.get(k, {})), None)
+            return f"{g['before']:+.5f} &rarr; {g['after']:+.5f}" if g else ""
+
         body.append(f"<tr><td>{rec.round}</td><td>{rec.items}</td><td>{rec.usable_suggestions} of {rec.suggestions}</td>"
                     f"<td>{rec.enhanced}</td><td>{rec.kept}</td>"
                     f"<td>{rec.kept_fraction:.1%}</td><td>{rec.mean_gain:.4f}</td><td>{_number(rec.mean_gain_enhanced)}</td>"
                     f"<td>{rec.trained_pairs}</td>"
-                    f"<td>{loss('stage1')}</td><td>{loss('stage2')}</td><td>{rec.seconds}</td></tr>")
+                    f"<td>{loss('stage1')}</td><td>{loss('stage2') or loss('dpo')}</td><td>{gap()}</td>"
+                    f"<td>{rec.seconds}</td></tr>")
     body.append("</table><p>Usable suggestions: those with a local prompt of their own; a suggestion whose "
                 "local prompt is the global prompt would blend a prediction with itself and is dropped. "
                 "Losses: the mean over the first 10% of a stage's steps &rarr; over its last 10% "
-                "(one step's loss under random timesteps is mostly noise).</p>")
+                "(one step's loss under random timesteps is mostly noise). Paired gap: the enhanced images' "
+                "flow-matching error minus the originals', under the same fixed noise and timesteps, with the "
+                "stage's LoRA off &rarr; on; a LoRA that learned the pairs' difference lowers it.</p>")
     return body
 
 
