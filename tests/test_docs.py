@@ -53,7 +53,7 @@ OTHER_OPTIONS = {
     "--main_process_ip": "accelerate launch", "--tensor-parallel-size": "vllm serve", "--port": "vllm serve",
     "--split": "benchmarks/bench_method.py", "--full-res": "benchmarks/bench_method.py",
     "--heldout": "benchmarks/critic_on_renders.py", "--multi": "benchmarks/critic_on_renders.py",
-    "--finetune-dit": "recipes/train_tiny.py", "--strict": "mkdocs build",
+    "--finetune-dit": "recipes/train_tiny.py", "--strict": "mkdocs build", "--check": "docs/gen_recipe_keys.py",
 }
 
 # A fence, with the marker comment on the line before it when the block is not to be run.
@@ -122,8 +122,9 @@ def test_block_counts(capsys):
 
 # ------------------------------------------------------------------------ checking without running
 
-def _commands(script: str) -> list[list[str]]:
-    """Every simple command of a shell script as its words (heredoc bodies skipped)."""
+def _commands(script: str, *, refused_too: bool = True) -> list[list[str]]:
+    """Every simple command of a shell script as its words (heredoc bodies skipped); without
+    `refused_too`, not those followed by `||` (an example of an error, shown failing on purpose)."""
     lines, skip_until = [], None
     for line in script.replace("\\\n", " ").splitlines():
         if skip_until is not None:
@@ -140,7 +141,7 @@ def _commands(script: str) -> list[list[str]]:
         current: list[str] = []
         for tok in tokens + [";"]:
             if tok in ("&&", "||", ";", "|", "&"):
-                if current:
+                if current and (refused_too or tok != "||"):
                     commands.append(current)
                 current = []
             else:
@@ -149,9 +150,9 @@ def _commands(script: str) -> list[list[str]]:
 
 
 def _artaug_commands(script: str) -> list[list[str]]:
-    """The argument lists of every `artaug` command of a shell script."""
+    """The argument lists of every `artaug` command of a shell script (but those shown failing)."""
     out = []
-    for cmd in _commands(script):
+    for cmd in _commands(script, refused_too=False):
         while cmd and re.match(r"^[A-Z_][A-Z0-9_]*=", cmd[0]):  # VAR=value prefixes
             cmd = cmd[1:]
         if cmd and cmd[0] == "artaug":
@@ -218,6 +219,16 @@ def test_toml_blocks_name_existing_recipe_keys(block):
             assert key in schema[table], f"{block.id}: [{table}] has no key {key!r}"
 
 
+def _subcommands() -> dict[str, set[str]]:
+    """{command: its options} of `artaug`."""
+    import argparse
+
+    from artaug_ext.cli import build_parser
+
+    return {name: {s for action in sub._actions for s in action.option_strings}
+            for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction) for name, sub in a.choices.items()}
+
+
 def _all_options() -> set[str]:
     import argparse
 
@@ -236,13 +247,18 @@ def _all_options() -> set[str]:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_inline_commands_and_options_exist(page):
-    """`artaug ...` in the prose parses; every `--option` is an option of some artaug command (or
-    of another tool named in OTHER_OPTIONS)."""
+    """`artaug COMMAND --option ...` in the prose names a command and its options that exist; every
+    other `--option` is an option of some artaug command (or of another tool in OTHER_OPTIONS)."""
     options = _all_options()
     for span in INLINE.findall(prose_of(page)):
         span = " ".join(span.split())
-        if span.startswith("artaug ") and "..." not in span:
-            _parse(shlex.split(span)[1:], f"{page}: `{span}`")
+        if span.startswith("artaug "):  # often a fragment in the prose: the command and its options exist
+            sub, *rest = span.split()[1:] or [""]
+            if not sub.startswith("-"):
+                commands = _subcommands()
+                assert sub in commands, f"{page}: `{span}`: artaug has no command {sub!r}"
+                for opt in re.findall(r"(?:^|[\s/\[])(--[a-z][a-z0-9_-]*)", " ".join(rest)):
+                    assert opt in commands[sub], f"{page}: `{span}`: `artaug {sub}` has no option {opt}"
         for opt in re.findall(r"(?:^|[\s/\[])(--[a-z][a-z0-9_-]*)", span):
             assert opt in options or opt in OTHER_OPTIONS, f"{page}: `{span}`: {opt} is no option of artaug"
 
@@ -294,13 +310,20 @@ def test_command_checks_catch_a_removed_option():
 # ------------------------------------------------------------------------ running
 
 def _tiny_lora(path: str) -> None:
-    """A kohya-format LoRA for the tiny DiT (small, so images stay close to the base)."""
+    """A kohya-format LoRA for the tiny DiT (small, so images stay close to the base), shaped
+    from the tiny model's own files in the shared model root."""
     import torch
+    from helpers import tiny_folder
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    with safe_open(os.path.join(tiny_folder("tiny"), "flux1-dev.safetensors"), "pt") as f:
+        shapes = {key: f.get_slice(f"{key}.weight").get_shape()
+                  for key in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1")}
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for name, (out_f, in_f) in {"double_blocks_0_img_attn_qkv": (384, 128), "single_blocks_1_linear1": (896, 128)}.items():
+    for key, (out_f, in_f) in shapes.items():
+        name = key.replace(".", "_")
         sd[f"lora_unet_{name}.lora_down.weight"] = (torch.randn(4, in_f, generator=g) * 0.1).to(torch.bfloat16)
         sd[f"lora_unet_{name}.lora_up.weight"] = (torch.randn(out_f, 4, generator=g) * 0.1).to(torch.bfloat16)
         sd[f"lora_unet_{name}.alpha"] = torch.tensor(4.0)
@@ -344,3 +367,55 @@ def test_page_blocks_run(page, tmp_path, lora_file, monkeypatch, one_thread):
         proc = subprocess.run(["bash", "-euo", "pipefail"], input=b.body, text=True, capture_output=True, env=env,
                               cwd=folder, timeout=600)
         assert proc.returncode == 0, f"{b.id} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------------ the public API's docstrings
+
+def _public_functions():
+    import inspect
+
+    import artaug_ext
+
+    for name in artaug_ext.__all__:
+        obj = getattr(artaug_ext, name)
+        if inspect.isfunction(obj):
+            yield name, obj
+
+
+def test_public_functions_have_complete_docstrings():
+    """Every function of `artaug_ext.__all__` documents each argument, what it returns and an example."""
+    import inspect
+
+    names = []
+    for name, fn in _public_functions():
+        names.append(name)
+        doc = inspect.getdoc(fn) or ""
+        params = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
+        if params:
+            assert "Args:" in doc, f"artaug_ext.{name}: no Args section"
+            args = doc.split("Args:", 1)[1]
+            missing = [p for p in params if not re.search(rf"^\s+{p}:", args, re.M)]
+            assert not missing, f"artaug_ext.{name}: arguments without a description: {missing}"
+        for section in ("Returns:", "Example:"):
+            assert section in doc or (section == "Returns:" and inspect.signature(fn).return_annotation in (None, "None")), \
+                f"artaug_ext.{name}: no {section[:-1]} section"
+    assert {"load_pipeline", "generate", "load_lora", "unload_lora", "load_artaug", "combine_loras", "save_kohya",
+            "apply_kernels"} <= set(names)
+
+
+@pytest.mark.slow
+def test_public_docstring_examples_run(one_thread, tmp_path, monkeypatch):
+    """The examples in the public docstrings (those not marked `doctest: +SKIP`: they need a
+    download or a file of the user's) run on the tiny model."""
+    import doctest
+
+    monkeypatch.chdir(tmp_path)
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tried = 0
+    for name, fn in _public_functions():
+        for test in finder.find(fn, f"artaug_ext.{name}", globs={}):
+            tried += sum(not ex.options.get(doctest.SKIP) for ex in test.examples)
+            runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) failed (output above)"
+    assert tried >= 10
