@@ -263,6 +263,14 @@ def test_inline_commands_and_options_exist(page):
             assert opt in options or opt in OTHER_OPTIONS, f"{page}: `{span}`: {opt} is no option of artaug"
 
 
+def test_every_figure_of_the_readme_is_in_the_manual():
+    """The README is a front door: a figure it gives is also on the page that explains it."""
+    prose = re.sub(r"\]\([^)]*\)", "]", prose_of("README.md"))  # not the link targets
+    manual = "".join(open(os.path.join(REPO, p), encoding="utf-8").read() for p in PAGES if p != "README.md")
+    missing = sorted({n for n in re.findall(r"\d+(?:\.\d+)?%?", prose) if n not in manual})
+    assert not missing, f"README figures found on no page of docs/: {missing}"
+
+
 def test_recipe_keys_page_is_generated_from_the_schema():
     sys.path.insert(0, os.path.join(REPO, "docs"))
     try:
