@@ -100,8 +100,8 @@ KEY_MEANINGS = {
     "eval": {
         "prompts": "Held-out prompts: a prompt set name or a file.",
         "limit": "A sample of this many prompts, drawn with `run.seed` and kept in their order (all when there are fewer).",
-        "seeds": "Images per prompt, on seeds `seed`, `seed + 1`, ...",
-        "seed": "The first held-out seed, far from the training seeds.",
+        "seeds": "Images per prompt and arm, on the same seeds for the base and the LoRA.",
+        "seed": "Where the held-out seeds start (far from the training seeds).",
         "scorer": "The scorers of the check, joined by `+` (`fidelity`, the tiny model's judge, allowed here).",
         "steps": "Denoising steps; left out, `data.steps`.",
         "size": "Image side; left out, `data.size` when it is one number, else the model's default.",
