@@ -53,6 +53,6 @@ setup(
     # docs: the manual as a website (mkdocs.yml; `mkdocs build --strict` in CI), the API page by mkdocstrings
     extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1", "tensorboard"],
                     "tensorboard": ["tensorboard"],
-                    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]},
+                    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
 )
