@@ -47,10 +47,12 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     # playwright drives the system Chromium in the report tests (its own browser download is never used)
-    # import-linter checks the README's architecture table (.importlinter) in the tests
+    # import-linter checks the architecture table (docs/architecture.md, .importlinter) in the tests
     # tensorboard: `[train] log_with = "tensorboard"` (accelerate logs nothing without it; the recipe check says so);
     # the tests read the event files a run writes
+    # docs: the manual as a website (mkdocs.yml; `mkdocs build --strict` in CI), the API page by mkdocstrings
     extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1", "tensorboard"],
-                    "tensorboard": ["tensorboard"]},
+                    "tensorboard": ["tensorboard"],
+                    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
 )

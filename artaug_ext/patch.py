@@ -105,13 +105,35 @@ def _count_fallback(reason: str) -> None:
 
 
 def kernel_stats() -> dict:
-    """Kernel launches (counted by the op, so compiled graphs count too) and fallbacks
-    per reason (eager calls only), since the last `reset_kernel_stats()`."""
+    """How often the fused kernel ran, and why it did not, since the last `reset_kernel_stats()`.
+
+    Returns:
+        `{"kernel": launches, "fallback": {reason: calls}, "fallbacks": total}`. Launches are
+            counted by the op, so compiled graphs count too; fallbacks are counted on eager calls
+            only. Reasons: `attn_mask`, `ipadapter`, `autograd`, `vram_managed`, `dtype`,
+            `head_dim`, `device`, `rope`, `unsupported`.
+
+    Raises:
+        ImportError: Triton is not installed.
+
+    Example:
+        >>> import artaug_ext
+        >>> sorted(artaug_ext.kernel_stats())
+        ['fallback', 'fallbacks', 'kernel']
+    """
     launches = _kernel_module().STATS["launches"] - _launch_base
     return {"kernel": launches, "fallback": dict(_fallbacks), "fallbacks": sum(_fallbacks.values())}
 
 
 def reset_kernel_stats() -> None:
+    """Start the counts of `kernel_stats()` again from zero.
+
+    Example:
+        >>> import artaug_ext
+        >>> artaug_ext.reset_kernel_stats()
+        >>> artaug_ext.kernel_stats()["fallbacks"]
+        0
+    """
     global _launch_base
     _launch_base = _kernel_module().STATS["launches"]
     _fallbacks.clear()
@@ -240,10 +262,32 @@ def _iter_modules(target):
 
 
 def apply_kernels(target) -> int:
-    """Patch every FLUX.1 attention under `target`; returns how many modules were patched.
+    """Switch every FLUX.1 attention under `target` to the fused Triton kernel.
 
-    Safe to call twice (already-patched modules are skipped) and before or after
-    `pipe.compile_pipeline()`. Raises `KernelPatchError` on an unexpected DiffSynth.
+    One kernel does per-head RMSNorm of q and k, RoPE and flash attention from the blocks' fused
+    qkv projections. Each call falls back to DiffSynth's own code when the kernel cannot serve
+    it (attention masks, IP-Adapter, autograd, VRAM-managed layers, other dtypes or head sizes,
+    CPU tensors), counted by reason in `kernel_stats()`. Safe to call twice (patched modules are
+    skipped) and before or after `pipe.compile_pipeline()`.
+
+    Args:
+        target: a `FluxImagePipeline`, a `FluxDiT`, or any module holding FLUX blocks.
+
+    Returns:
+        How many attention modules were patched.
+
+    Raises:
+        KernelPatchError: the installed DiffSynth's attention code differs from 2.1.12's, which
+            the kernel re-implements.
+        ImportError: Triton is not installed.
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> artaug_ext.apply_kernels(pipe) > 0
+        True
+        >>> artaug_ext.remove_kernels(pipe) > 0
+        True
     """
     check_diffsynth_compat()
     _kernel_module()  # fail here, not mid-generation, if Triton is missing
@@ -263,7 +307,20 @@ def apply_kernels(target) -> int:
 
 
 def remove_kernels(target) -> int:
-    """Undo `apply_kernels` on every module under `target`; returns how many were restored."""
+    """Undo `apply_kernels`: DiffSynth's own attention code again, bit-exactly.
+
+    Args:
+        target: the pipeline or module `apply_kernels` was given (or one holding it).
+
+    Returns:
+        How many attention modules were restored (0 when none was patched).
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> artaug_ext.remove_kernels(pipe)
+        0
+    """
     count = 0
     for module in _iter_modules(target):
         saved = module.__dict__.pop(_SAVED_ATTR, None)

@@ -64,7 +64,36 @@ def model_paths(model: str, model_dir: str | None = None) -> dict[str, str | lis
 
 def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: str | None = None,
                   torch_dtype: torch.dtype | None = None):
-    """A ready `FluxImagePipeline` for `model` (`tiny`, `tiny-random` or `flux-dev`)."""
+    """A ready DiffSynth `FluxImagePipeline` for a named model, loaded from the model root.
+
+    The files are found (and, for the embedded tiny models, written once) in the model root, and
+    loaded through DiffSynth's own loader: everything DiffSynth offers on the pipeline keeps
+    working.
+
+    Args:
+        model: a named model: `tiny` (the embedded model trained on procedural scenes),
+            `tiny-random` (untrained: its images are noise), `flux-dev` (FLUX.1-dev).
+        model_dir: the model root, or a folder holding the files (default: `ARTAUG_HOME`, else
+            `DIFFSYNTH_MODEL_BASE_PATH`, else `~/.cache/artaug`).
+        device: `cuda`, `cuda:N`, `cpu` (default: `cuda` when available).
+        torch_dtype: the weights' dtype (default: bf16 on CUDA, fp32 on CPU).
+
+    Returns:
+        The `FluxImagePipeline`, with `artaug_model_name` and `artaug_model_paths` (role -> file)
+            set on it.
+
+    Raises:
+        UsageError: an unknown model name, or files DiffSynth recognises no model in.
+        artaug_ext.hub.HubError: the model's files are missing and cannot be downloaded (offline:
+            within seconds, naming the files and `artaug download`).
+        FileFormatError: a model file is truncated or not safetensors.
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> type(pipe).__name__
+        'FluxImagePipeline'
+    """
     from diffsynth.core import ModelConfig
     from diffsynth.pipelines.flux_image import FluxImagePipeline
 
@@ -187,7 +216,32 @@ def generate(pipe, prompt: str, *, seed: int = 0, steps: int | None = None, heig
              width: int | None = None, embedded_guidance: float = 3.5, progress: bool = True):
     """One image from `pipe` with the model's defaults (what `artaug generate` runs).
 
-    Bad arguments raise UsageError before any work; a non-finite result raises NonFiniteError."""
+    Args:
+        pipe: a pipeline from `load_pipeline` (any `FluxImagePipeline` works; the model's
+            defaults are then FLUX.1-dev's).
+        prompt: the text to draw.
+        seed: the noise seed: the same seed, prompt and settings give the same image.
+        steps: denoising steps (default: the model's, 8 tiny, 30 flux-dev).
+        height: a positive multiple of 16 (default: the model's, 256 tiny, 1024 flux-dev).
+        width: a positive multiple of 16 (default: as `height`).
+        embedded_guidance: FLUX's embedded guidance (3.5, the ArtAug authors' setting).
+        progress: show a progress bar.
+
+    Returns:
+        The image, a `PIL.Image.Image`.
+
+    Raises:
+        UsageError: an empty prompt, a size that is not a positive multiple of 16, no steps or a
+            non-finite guidance, before any work.
+        NonFiniteError: NaN or Inf in the latents (naming the step) or in the VAE's output.
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> image = artaug_ext.generate(pipe, "a red circle on a blue background", steps=4, progress=False)
+        >>> image.size
+        (256, 256)
+    """
     from tqdm import tqdm
 
     model, steps, height, width = _with_defaults(pipe, steps, height, width)

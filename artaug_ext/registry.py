@@ -96,7 +96,19 @@ def all_entries() -> tuple[dict, ...]:
 
 
 def register() -> int:
-    """Append our entries to DiffSynth's registry in place (idempotent); return how many were added."""
+    """Append our models' entries to DiffSynth's model registry in place.
+
+    `import artaug_ext` already does this the moment DiffSynth imports its registry; call it
+    yourself only if DiffSynth's registry was reloaded. Safe to call any number of times.
+
+    Returns:
+        How many entries were added (0 when they were all there already).
+
+    Example:
+        >>> import artaug_ext
+        >>> artaug_ext.register() >= 0
+        True
+    """
     configs = _registry().MODEL_CONFIGS
     present = {(e["model_hash"], e["model_name"]) for e in configs}
     added = 0

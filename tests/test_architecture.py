@@ -1,4 +1,4 @@
-"""The README's architecture table is what the code does: `.importlinter` holds it as
+"""The architecture table (docs/architecture.md) is what the code does: `.importlinter` holds it as
 contracts (floors, no cycles at any depth, kernels apart), checked here with the field's own
 tool, and every floor and module of the table is a layer of the contract at the same height."""
 
@@ -15,8 +15,8 @@ from helpers import REPO
 
 
 def _readme_floors() -> dict[str, int]:
-    """{module: floor} from the README's architecture table."""
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    """{module: floor} from the architecture table of docs/architecture.md."""
+    text = open(os.path.join(REPO, "docs", "architecture.md"), encoding="utf-8").read()
     table = text[text.index("| floor | module | what |"):]
     floors = {}
     for line in table.splitlines()[2:]:
@@ -44,7 +44,7 @@ def test_the_readme_table_and_the_contract_list_the_same_floors():
     floors = _readme_floors()
     layers = _contract_layers()
     in_contract = {m: len(layers) - i for i, layer in enumerate(layers) for m in layer}
-    assert floors == in_contract, "README's architecture table and .importlinter's layers differ"
+    assert floors == in_contract, "docs/architecture.md's table and .importlinter's layers differ"
     # every module of the package has a floor
     top = {n.removesuffix(".py") for n in os.listdir(os.path.join(REPO, "artaug_ext"))
            if (n.endswith(".py") and n != "__init__.py") or os.path.isfile(os.path.join(REPO, "artaug_ext", n, "__init__.py"))}

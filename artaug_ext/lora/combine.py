@@ -73,9 +73,34 @@ def truncate_layer(layer: LoRALayer, rank: int) -> tuple[LoRALayer, float]:
 
 
 def combine_loras(loras, weights=None, *, average: bool = False, rank: int | None = None):
-    """Exact weighted sum (or weighted average) of LoRAs by rank concatenation, optionally
-    truncated to `rank`. Returns (layers, info): info["ranks_before"] per layer and, when
-    truncated, info["energy"] (retained energy per layer) and info["min_energy"]."""
+    """Exact weighted sum (or weighted average) of LoRAs, optionally truncated to a rank.
+
+    The sum is exact by rank concatenation (the ranks add up); a truncation keeps the best
+    rank-`rank` approximation of each layer (QR of each factor and an SVD of the small core) and
+    reports the share of energy it retains.
+
+    Args:
+        loras: LoRAs in any form `load_lora` reads (paths, PEFT folders, state dicts), or layer
+            dicts from an earlier `combine_loras`.
+        weights: one finite weight per LoRA (default: all 1.0).
+        average: divide the weights by their sum (a weighted average).
+        rank: truncate every layer to this rank; None keeps the exact sum.
+
+    Returns:
+        `(layers, info)`: layers keyed "component:module" (for `save_kohya`); `info["ranks_before"]`
+            per layer and, when truncated, `info["energy"]` (retained energy per layer) and
+            `info["min_energy"]`.
+
+    Raises:
+        UsageError: no LoRAs, a bad rank, non-finite weights, as many weights as LoRAs not given,
+            weights that sum to zero with `average`, or LoRAs that disagree on a layer's shape.
+
+    Example:
+        >>> import artaug_ext
+        >>> layers, info = artaug_ext.combine_loras(["a.safetensors", "b.safetensors"], rank=16)  # doctest: +SKIP
+        >>> artaug_ext.save_kohya(layers, "ab.safetensors")  # doctest: +SKIP
+        'ab.safetensors'
+    """
     loras = list(loras)
     if not loras:
         raise UsageError("combine_loras: no LoRAs given")
@@ -135,8 +160,28 @@ def kohya_state_dict(layers: dict[str, LoRALayer], dtype=torch.bfloat16) -> dict
 
 
 def save_kohya(layers: dict[str, LoRALayer], path: str, metadata: dict | None = None, dtype=torch.bfloat16) -> str:
-    """Write a kohya / "universal FLUX" LoRA safetensors file (loads in DiffSynth, ComfyUI,
-    diffusers), atomically and reproducibly."""
+    """Write LoRA layers as a kohya / "universal FLUX" safetensors file, atomically and reproducibly.
+
+    The format DiffSynth, ComfyUI and diffusers load (and `load_lora` reads back).
+
+    Args:
+        layers: layers keyed "component:module", as `combine_loras` returns them.
+        path: the file to write (its folder must exist).
+        metadata: extra string metadata for the file's header (other values are written as JSON).
+        dtype: the tensors' dtype in the file.
+
+    Returns:
+        `path`.
+
+    Raises:
+        OutOfSpaceError: the disk is full (the file is not left half-written).
+
+    Example:
+        >>> import artaug_ext
+        >>> layers, _ = artaug_ext.combine_loras(["a.safetensors"])  # doctest: +SKIP
+        >>> artaug_ext.save_kohya(layers, "a_kohya.safetensors")  # doctest: +SKIP
+        'a_kohya.safetensors'
+    """
     from ..files import save_safetensors
 
     ranks = sorted({layer.rank for layer in layers.values()})

@@ -76,6 +76,19 @@ class LoRAHandle:
 
 @dataclass
 class LoRAReport:
+    """What `load_lora` did: `print(report)` gives a one-line summary.
+
+    Attributes:
+        merged: "component:module" of the layers merged into their weights.
+        hotloaded: layers given the LoRA through DiffSynth's hot-loading (VRAM-managed / FP8).
+        skipped: keys for parts the target does not have, with the reason.
+        unmapped: keys that map to no module.
+        seconds: wall time of the load.
+        handle: what `unload_lora` undoes.
+        restore_bytes: host memory held for the undo.
+        formats: the LoRA formats recognised in the file.
+    """
+
     merged: list[str]  # "component:module" merged into the weights
     hotloaded: list[str]  # layers given the LoRA through DiffSynth's hot-loading
     skipped: list[str]  # keys for parts the target does not have (with the reason)
@@ -200,13 +213,39 @@ def _map_pieces(parsed, comps: dict, named: dict) -> tuple[dict, dict, list[str]
 
 
 def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bool = True) -> LoRAReport:
-    """Merge a LoRA into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
+    """Merge a LoRA exactly into a FluxImagePipeline (DiT, CLIP and T5 text encoders) or a module.
 
-    `lora`: a path (.safetensors, .pt, PEFT folder), a state dict, or a hub id. Keys that map
-    to no module raise (strict=False: a warning with the count); a LoRA that maps to nothing
-    always raises. Returns a report whose handle `unload_lora` uses to undo the merge.
-    `undo=False`: no host copy of the touched weights; undoing it reloads them from the model
-    files (`unload_lora(..., model_files=...)`).
+    The merge accumulates in fp32 and rounds once into the weight's dtype. Layers under
+    DiffSynth's VRAM management or FP8 storage get DiffSynth's hot-loading instead (with a
+    warning). A load that fails or is interrupted leaves the weights as they were.
+
+    Args:
+        target: a `FluxImagePipeline`, or one of its modules (the DiT, a text encoder).
+        lora: a path (.safetensors, .pt, a PEFT folder), a state dict, or a LoRA known by name
+            (`artaug`). Formats: kohya / "universal FLUX", diffusers / PEFT, DiffSynth's training
+            output, BFL, XLabs, CLIP and T5 text-encoder keys.
+        alpha: the LoRA's strength (a finite number; 1.0 as trained).
+        strict: keys that map to no layer raise; False: a warning with their count.
+        undo: keep a host copy of the touched weights for `unload_lora`; False saves that memory,
+            and undoing then reads the weights back from the model files.
+
+    Returns:
+        A `LoRAReport`: the layers merged, hot-loaded and skipped, the unmapped keys, the time,
+            and the `handle` that `unload_lora` undoes.
+
+    Raises:
+        UsageError: a non-finite `alpha`.
+        LoRAFormatError: unmapped keys (strict), a LoRA that matches no layer, a LyCORIS / DoRA
+            file (`UnsupportedLoRAError`), or shapes that do not fit.
+        FileFormatError: a damaged LoRA file.
+        LoRAMergeError: the merge would write NaN or Inf (the weights are restored first).
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> report = artaug_ext.load_lora(pipe, "artaug-demo/final/lora.safetensors", alpha=0.8)  # doctest: +SKIP
+        >>> print(report)  # doctest: +SKIP
+        LoRA: 2 layers merged, 0 hot-loaded, 0 skipped, 0 unmapped keys, 3.1 ms, 0.5 MiB restore data on the host
     """
     t0 = time.perf_counter()
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -425,12 +464,30 @@ def loaded_loras(target) -> list[LoRAHandle]:
 
 
 def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None, *, model_files: dict | None = None) -> int:
-    """Undo `load_lora` bit-exactly. Without a handle, every LoRA loaded into `target` is
-    undone (last first); with one, it must be the newest LoRA on every layer it touched
-    (LIFO), and `target` may be the pipeline or the module it was loaded through. A merge
-    made with `undo=False` is undone by reading its weights from `model_files` (role ->
-    path, as `load_pipeline`'s `pipe.artaug_model_paths`, the default when `target` is such
-    a pipeline). Returns how many loads were undone."""
+    """Undo `load_lora` bit-exactly.
+
+    Args:
+        target: the pipeline or module the LoRA was loaded into (or through: the undo belongs to
+            the layers, so `unload_lora(pipe.dit, handle)` undoes a `load_lora(pipe, ...)`).
+        handle: the load to undo (a `LoRAReport` or its `handle`); it must be the newest LoRA
+            on every layer it touched (last in, first out). None: every LoRA loaded into
+            `target`, last first.
+        model_files: for a merge made with `undo=False`: role -> path of the model files to read
+            the weights back from (default: `pipe.artaug_model_paths` of a `load_pipeline` pipeline).
+
+    Returns:
+        How many loads were undone.
+
+    Raises:
+        ValueError: the handle was already unloaded, or a later LoRA sits on the same layers.
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("tiny", device="cpu")
+        >>> report = artaug_ext.load_lora(pipe, "artaug-demo/final/lora.safetensors")  # doctest: +SKIP
+        >>> artaug_ext.unload_lora(pipe, report.handle)  # doctest: +SKIP
+        1
+    """
     if isinstance(handle, LoRAReport):
         handle = handle.handle
     model_files = model_files if model_files is not None else getattr(target, "artaug_model_paths", None)
@@ -456,8 +513,30 @@ def unload_lora(target, handle: LoRAHandle | LoRAReport | None = None, *, model_
 
 def load_artaug(pipe, alpha: float = 1.0, variant: str = "flux-dev", model_dir: str | None = None,
                 *, strict: bool = True) -> LoRAReport:
-    """Resolve the released ArtAug LoRA (ModelScope DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1, or
-    FLUX.1-Kontext-dev-lora-ArtAug for variant="kontext") through the hub layer and merge it."""
+    """Merge the released ArtAug LoRA, found (or downloaded) through the model root.
+
+    Args:
+        pipe: a FLUX.1-dev pipeline from `load_pipeline("flux-dev")` (or FLUX.1-Kontext-dev for
+            `variant="kontext"`).
+        alpha: the LoRA's strength (1.0, the authors' setting).
+        variant: `flux-dev` (ModelScope `DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1`) or `kontext`
+            (`DiffSynth-Studio/FLUX.1-Kontext-dev-lora-ArtAug`).
+        model_dir: the model root (default: as `load_pipeline`).
+        strict: as in `load_lora`.
+
+    Returns:
+        The `LoRAReport` of `load_lora`; `unload_lora(pipe, report.handle)` undoes it.
+
+    Raises:
+        artaug_ext.hub.HubError: the file is missing and cannot be downloaded (offline: at once,
+            naming `artaug download artaug`).
+        LoRAFormatError: as in `load_lora`.
+
+    Example:
+        >>> import artaug_ext
+        >>> pipe = artaug_ext.load_pipeline("flux-dev")  # doctest: +SKIP
+        >>> report = artaug_ext.load_artaug(pipe, alpha=1.0)  # doctest: +SKIP
+    """
     from artaug_ext.cards import artaug_lora
     from artaug_ext.hub import resolve_model_files
 
