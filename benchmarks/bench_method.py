@@ -18,6 +18,7 @@ Arms, each against the base model on the same held-out prompts and seeds:
   batched       (--mode dpo) the batched differential LoRA on round 1's cache, at the run's
                 resolution, stage 1 + stage 2 = the sft arm's steps
   dpo-b{beta}   (--dpo-betas) more Flow-DPO LoRAs on round 1's cache, another beta each
+  dpo-w{weight} (--dpo-sft-weights) more Flow-DPO LoRAs, another train.dpo_sft_weight each
   dpo-scored    (--scored-arm, with --keep enhanced) Flow-DPO on the pairs the scorer kept only
   per-pair      (--per-pair) a LoRA_1/LoRA_2 per pair of round 1 (a subset: --per-pair-pairs), averaged
   tone          NO training: the base's own images, globally tone-corrected (auto-contrast, then a
@@ -133,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the pairs a round trains on: the scorer's verdict, or every enhanced pair")
     p.add_argument("--dpo-beta", type=float, default=500.0, help="the run's Flow-DPO beta (--mode dpo)")
     p.add_argument("--dpo-betas", default="", help="comma-separated: more DPO arms on round 1's cache")
+    p.add_argument("--dpo-sft-weight", type=float, default=0.0, help="the run's train.dpo_sft_weight (--mode dpo)")
+    p.add_argument("--dpo-sft-weights", default="",
+                   help="comma-separated: more DPO arms on round 1's cache (the run's beta), another sft weight each")
     p.add_argument("--scored-arm", action="store_true",
                    help="(--keep enhanced) also a DPO arm on the pairs the scorer kept")
     p.add_argument("--rank", type=int, default=8)
@@ -170,6 +174,8 @@ def train_settings(args) -> dict:
                batch_size=args.batch_size, resolution=resolution, checkpoint_every=10)
     if args.mode == "dpo":
         out["dpo_beta"] = args.dpo_beta
+        if args.dpo_sft_weight:
+            out["dpo_sft_weight"] = args.dpo_sft_weight
     return out
 
 
@@ -181,6 +187,8 @@ def configuration(args) -> dict:
         extra["keep"] = args.keep
     if args.dpo_betas:
         extra["dpo_betas"] = args.dpo_betas
+    if args.dpo_sft_weights:
+        extra["dpo_sft_weights"] = args.dpo_sft_weights
     if args.scored_arm:
         extra["scored_arm"] = True
     if args.recipe:
@@ -266,6 +274,8 @@ def train_arms(args, out: str, settings: dict):
             trainings.append(("batched", cache, {"mode": "batched", "steps_stage1": equal - half, "steps_stage2": half}))
             for beta in filter(None, args.dpo_betas.split(",")):
                 trainings.append((f"dpo-b{float(beta):g}", cache, {"dpo_beta": float(beta)}))
+            for weight in filter(None, args.dpo_sft_weights.split(",")):
+                trainings.append((f"dpo-w{float(weight):g}", cache, {"dpo_sft_weight": float(weight)}))
             if args.scored_arm and recipe.filter.keep == "enhanced":
                 ids = {q.id for q in kept}
                 scored = [i for i, q in enumerate(pairs) if q.id in ids]

@@ -90,6 +90,18 @@ def test_flow_dpo_loss_equals_the_fp64_formula_with_the_base_as_reference():
     assert all(not m._disable_adapters for m in [layer])  # the adapters are on again
 
 
+def test_the_sft_weight_adds_the_enhanced_images_own_error():
+    model, batch, obj = _toy(), _batch(), FlowMatchObjective()
+    pure, _ = FlowDPOObjective(obj, 300.0, lambda: adapters_disabled(model))(model, batch, SampleRandom(2, [0, 1, 2]))
+    mixed, _ = FlowDPOObjective(obj, 300.0, lambda: adapters_disabled(model), sft_weight=0.5)(
+        model, batch, SampleRandom(2, [0, 1, 2]))
+    with torch.no_grad():
+        _, e_enh = paired_errors(obj, model, batch, paired_draw(obj, SampleRandom(2, [0, 1, 2]), batch["original"]))
+    assert float(mixed.detach()) == pytest.approx(float(pure.detach()) + 0.5 * float(e_enh.mean()), rel=1e-6)
+    with pytest.raises(UsageError, match="sft weight must be 0 or positive"):
+        FlowDPOObjective(obj, 300.0, None, sft_weight=-1.0)
+
+
 def test_a_fresh_lora_is_its_reference_so_the_loss_is_log_2():
     model = _toy(lora=False)
     inject_lora(model, 2, target_modules=["proj"], init_seed=0)  # B = 0: the model is the base
@@ -120,7 +132,8 @@ def test_dpo_identity_holds_beta_and_the_other_modes_identities_are_unchanged():
         ident = LoRATrainSettings(mode=mode).identity()
         assert "dpo_beta" not in ident and "objective" not in ident
     dpo = LoRATrainSettings(mode="dpo", dpo_beta=123.0).identity()
-    assert dpo["objective"] == "dpo" and dpo["dpo_beta"] == 123.0
+    assert dpo["objective"] == "dpo" and dpo["dpo_beta"] == 123.0 and "dpo_sft_weight" not in dpo
+    assert LoRATrainSettings(mode="dpo", dpo_sft_weight=0.5).identity()["dpo_sft_weight"] == 0.5
 
 
 def _cache(n=4):
@@ -177,6 +190,7 @@ def test_every_stage_of_a_batched_round_records_its_paired_gap(pipe, tmp_path):
 
 @pytest.mark.parametrize("table, key, value, message", [
     ("train", "dpo_beta", 0.0, r"micro\.toml:\d+: train\.dpo_beta 0\.0: must be a positive number"),
+    ("train", "dpo_sft_weight", -0.5, r"micro\.toml:\d+: train\.dpo_sft_weight -0\.5: must be 0"),
     ("train", "mode", "dpo2", r"train\.mode 'dpo2': use one of batched, per-pair, sft, dpo"),
     ("filter", "keep", "all", r"micro\.toml:\d+: filter\.keep 'all': use one of score, enhanced"),
 ])

@@ -62,6 +62,8 @@ KEY_MEANINGS = {
                   "quality score.",
         "relative": "Read `margin` relative to the original's score instead of as an absolute difference.",
         "alignment_tolerance": "How far an alignment score (text-image match) may drop in a kept pair.",
+        "keep": "Which pairs a round trains on: `score` (the scorer's verdict: `margin` and "
+                "`alignment_tolerance`) or `enhanced` (every item the critic had a usable suggestion for).",
         "keep_fraction": "Train on the best share of the kept pairs by gain, in (0, 1].",
         "max_pairs": "Train on at most this many pairs a round (the best by gain); left out, no limit.",
     },
@@ -71,12 +73,19 @@ KEY_MEANINGS = {
     },
     "train": {
         "mode": "`batched` (one LoRA_1 / LoRA_2 over all pairs), `per-pair` (one per pair, averaged "
-                "exactly) or `sft` (the ablation: the enhanced images only).",
+                "exactly), `sft` (the ablation: the enhanced images only) or `dpo` (Flow-DPO: both images of "
+                "each pair under the same noise and timestep, enhanced preferred, the running base as "
+                "reference).",
+        "dpo_sft_weight": "`dpo` mode: weight of the enhanced images' own flow-matching loss added to the DPO "
+                          "loss (0: pure DPO), which keeps both images' errors from rising together.",
+        "dpo_beta": "`dpo` mode: Flow-DPO's beta, how strongly the LoRA is held to the running base while it "
+                    "ranks each pair's enhanced image above its original.",
         "rank": "LoRA rank.",
         "alpha": "LoRA alpha; left out, alpha = rank (scale 1).",
         "target_modules": "DiffSynth FLUX layer names that get a LoRA (DiffSynth's FLUX training defaults).",
-        "steps_stage1": "Training steps of stage 1 (LoRA_1 on the originals); unused in `sft`.",
-        "steps_stage2": "Training steps of stage 2 (LoRA_2 on the enhanced images, LoRA_1 merged).",
+        "steps_stage1": "Training steps of stage 1 (LoRA_1 on the originals); unused in `sft` and `dpo`.",
+        "steps_stage2": "Training steps of stage 2 (LoRA_2 on the enhanced images, LoRA_1 merged), or of the "
+                        "one stage of `sft` and `dpo`.",
         "resolution": "Longer side of the training images, a multiple of 16 at most the generation size; "
                       "left out, as generated.",
         "gradient_checkpointing": "Recompute activations in the backward pass: the same gradients, less memory.",

@@ -75,7 +75,8 @@ def _pairs_source(recipe: Recipe) -> str:
 def _training_line(t) -> str:
     """The [train] settings as the plan states them: the stages the mode trains."""
     if t.mode == "dpo":
-        stages = f"one Flow-DPO stage of {t.steps_stage2} steps (beta {t.dpo_beta:g})"
+        anchor = f", sft weight {t.dpo_sft_weight:g}" if t.dpo_sft_weight else ""
+        stages = f"one Flow-DPO stage of {t.steps_stage2} steps (beta {t.dpo_beta:g}{anchor})"
     elif t.mode == "sft":
         stages = f"one stage of {t.steps_stage2} steps"
     else:

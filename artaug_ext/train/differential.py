@@ -151,7 +151,7 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
                                        sampling=settings.timestep_sampling)
         dtype = next(dit.parameters()).dtype
         if image_side == PAIRS_SIDE:
-            dpo = FlowDPOObjective(objective, settings.dpo_beta, lambda: adapters_disabled(dit))
+            dpo = FlowDPOObjective(objective, settings.dpo_beta, lambda: adapters_disabled(dit), settings.dpo_sft_weight)
 
             def loss_fn(model, batch, rng):
                 return dpo(model, batch, rng)

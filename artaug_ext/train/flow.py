@@ -125,16 +125,19 @@ class FlowDPOObjective:
     the LoRA trains on top of (the running base: `adapters_off` switches the LoRA off).
 
         loss = -log sigmoid(-beta * [(e_enh - e_orig)(model) - (e_enh - e_orig)(reference)])
+               + sft_weight * e_enh(model)
 
     The LoRA is pushed to make the enhanced image easier to denoise than the original, relative
     to where the base stood; what a pair's two images share cancels exactly. Returns the loss
     and what the step log records: the model's paired gap (enhanced minus original error), the
     reference's, and the share of pairs ranked the right way (model gap below the reference's)."""
 
-    def __init__(self, objective: FlowMatchObjective, beta: float, adapters_off):
+    def __init__(self, objective: FlowMatchObjective, beta: float, adapters_off, sft_weight: float = 0.0):
         if not beta > 0:
             raise UsageError(f"dpo beta must be positive, not {beta!r}")
-        self.objective, self.beta, self.adapters_off = objective, beta, adapters_off
+        if not sft_weight >= 0:
+            raise UsageError(f"dpo sft weight must be 0 or positive, not {sft_weight!r}")
+        self.objective, self.beta, self.adapters_off, self.sft_weight = objective, beta, adapters_off, sft_weight
 
     def __call__(self, denoiser, batch: dict, rng) -> tuple[torch.Tensor, dict]:
         draw = paired_draw(self.objective, rng, batch["original"])
@@ -144,6 +147,8 @@ class FlowDPOObjective:
         model_gap, ref_gap = e_enh - e_orig, r_enh - r_orig
         margin = model_gap - ref_gap
         loss = -torch.nn.functional.logsigmoid(-self.beta * margin).mean()
+        if self.sft_weight:  # the preferred image's own error, held down (`dpo_sft_weight`)
+            loss = loss + self.sft_weight * e_enh.mean()
         metrics = {"gap": float(model_gap.detach().mean()), "ref_gap": float(ref_gap.mean()),
                    "accuracy": float((margin.detach() < 0).float().mean())}
         return loss, metrics

@@ -108,19 +108,26 @@ class LoRATrainSettings(TrainSettings):
     # dpo: Flow-DPO's beta (Wallace et al. 2023, for flow matching): how far the LoRA may move from
     # the running base (the reference) to rank each pair's enhanced image above its original.
     dpo_beta: float = 500.0
+    # dpo: weight of the enhanced images' own flow-matching loss added to the DPO loss (0: pure
+    # DPO). DPO ranks the two images but lets both errors rise (measured on the tiny model);
+    # this term holds the preferred image's error down, as SFT on the preferred side does.
+    dpo_sft_weight: float = 0.0
 
     RUNTIME = (*TrainSettings.RUNTIME, "gradient_checkpointing")  # the same gradients, less memory
     # Fields that shape the round, not one stage: the mode and the step counts choose which stages
     # run (a stage's own step count is its TrainConfig.steps, and LoRA_1 is in stage 2's base),
     # per_pair_rank only how the LoRA_2s are combined after training.
     ROUND = ("mode", "steps_stage1", "steps_stage2", "per_pair_rank")
+    DPO = ("dpo_beta", "dpo_sft_weight")  # of mode dpo only: in the identity of a DPO stage alone
 
     def identity(self) -> dict:
         """What a stage trained with these settings must agree on to be reused or resumed. The
         DPO stage adds its objective and beta (the other modes' identities are as before)."""
-        own = {k: v for k, v in super().identity().items() if k not in self.ROUND and k != "dpo_beta"}
+        own = {k: v for k, v in super().identity().items() if k not in (*self.ROUND, *self.DPO)}
         if self.mode == "dpo":
             own.update(objective="dpo", dpo_beta=self.dpo_beta)
+            if self.dpo_sft_weight:  # in the identity when used: a stage without it keeps its identity
+                own["dpo_sft_weight"] = self.dpo_sft_weight
         return own
 
     def validate(self) -> None:
@@ -149,5 +156,7 @@ class LoRATrainSettings(TrainSettings):
             self._refuse("target_modules", f"name at least one layer, e.g. {', '.join(FLUX_LORA_TARGETS[:3])}")
         if not (_number(self.dpo_beta) and self.dpo_beta > 0):
             self._refuse("dpo_beta", "must be a positive number (Diffusion-DPO uses hundreds to thousands)")
+        if not (_number(self.dpo_sft_weight) and self.dpo_sft_weight >= 0):
+            self._refuse("dpo_sft_weight", "must be 0 (pure DPO) or a positive weight")
         if not _number(self.guidance):
             self._refuse("guidance", "must be a finite number")
