@@ -204,7 +204,7 @@ class Launch:
         """Take (main process) or wait for (other ranks) the launch's lock on `folder`, then beat there."""
         os.makedirs(folder, exist_ok=True)
         if self.info.main:
-            lock = FolderLock(folder, name, what, owner=self.id).acquire(retry_seconds=0.5 if self.info.world > 1 else 0)
+            lock = FolderLock(folder, name, what, owner=self.id).acquire(retry_seconds=0.2 if self.info.world > 1 else 0)
             self._locks[os.path.abspath(lock.path)] = lock
         elif not self._wait_for_main(FolderLock(folder, name, what)):
             return  # not seen in time: the collective's lock and shared-folder check decide
@@ -216,7 +216,7 @@ class Launch:
 
     def _wait_for_main(self, lock: FolderLock) -> bool:
         """Until the lock is held by this launch (True), or GATE_SECONDS pass (False); another live
-        launch holding it (seen for half a second, longer than our main process's write takes) is
+        launch holding it (seen for 0.2 s, far longer than our main process takes to write it) is
         refused here with the message the main process gives."""
         deadline = time.monotonic() + GATE_SECONDS
         foreign_since = None
@@ -226,7 +226,7 @@ class Launch:
                 return True
             if lines:
                 foreign_since = foreign_since or time.monotonic()
-                if time.monotonic() - foreign_since > 0.5:
+                if time.monotonic() - foreign_since > 0.2:
                     raise lock.refusal(lines[0])
             else:
                 foreign_since = None

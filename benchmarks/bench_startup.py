@@ -65,6 +65,7 @@ def main() -> int:
     if args.source:
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(args.source)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     empty = tempfile.mkdtemp()
+    os.chdir(empty)  # `python -m` puts the working directory first: a checkout there would hide --source
     offline = dict(env, ARTAUG_HOME=empty, MODELSCOPE_CACHE=os.path.join(empty, "ms"), ARTAUG_OFFLINE="1")
     cli = [sys.executable, "-m", "artaug_ext.cli"]
     cases = [

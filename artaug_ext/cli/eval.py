@@ -149,10 +149,12 @@ def run(args) -> int:
     result = run_eval(cfg, args.out, model_dir=args.model_dir, device=args.device,
                       progress=not args.no_progress and launch.info.main, collective=Collective(launch=launch))
     if not launch.info.main:
-        return 0  # one launch, one log: the main process prints the table
+        return 0  # one launch, one log: the main process prints the table (the other ranks have no table)
     print(format_table(result))
     t = result["timing"]
-    print(f"{t['generated_images']} images generated in {t['generation_seconds']:.0f} s; scoring {t['scoring_seconds']:.2f} s "
+    world = launch.info.world
+    share = f" by rank 0 (each of the {world} ranks generates its share)" if world > 1 else ""
+    print(f"{t['generated_images']} images generated{share} in {t['generation_seconds']:.0f} s; scoring {t['scoring_seconds']:.2f} s "
           f"({t['scorer_forward_passes']} scorer forward passes, {t['score_cache_hits']} from the cache)")
     print(f"report: {os.path.join(args.out, result['report'])}")
     return 0
