@@ -171,6 +171,9 @@ def lock_folder(folder: str, collective: Collective, name: str, what: str = "run
 DEFAULT_COLLECTIVE_TIMEOUT = 1800
 GATE_SECONDS = 10.0  # how long a rank waits to see its main process hold the folder's lock
 BEAT_SECONDS = 1.0  # how often each rank of a launch writes its heartbeat
+# A rank whose heartbeat has not moved for this long stopped: the others end at once, even far
+# from their next collective (a long share of generation), instead of at that collective.
+STALE_SECONDS = 30.0
 RANKS_DIR = ".artaug-ranks"  # the heartbeats, in the shared folder
 
 
@@ -199,6 +202,7 @@ class Launch:
         self.doing = ""  # e.g. "stage 2 of round 1": set by the command as it goes
         self._locks: dict[str, FolderLock] = {}
         self.heartbeat: Heartbeat | None = None
+        self.quiet_peer: str | None = None  # what the heartbeat's thread saw of a rank that stopped
 
     def open_folder(self, folder: str, name: str, what: str = "run folder") -> None:
         """Take (main process) or wait for (other ranks) the launch's lock on `folder`, then beat there."""
@@ -209,7 +213,7 @@ class Launch:
         elif not self._wait_for_main(FolderLock(folder, name, what)):
             return  # not seen in time: the collective's lock and shared-folder check decide
         if self.info.world > 1 and self.heartbeat is None:
-            self.heartbeat = Heartbeat(folder, self.info, self.id)
+            self.heartbeat = Heartbeat(folder, self.info, self.id, on_stale=self._peer_went_quiet)
             if self.info.main:
                 self.heartbeat.drop_other_launches()
             self.heartbeat.start()
@@ -233,6 +237,19 @@ class Launch:
             time.sleep(0.05)
         return False
 
+    def _peer_went_quiet(self, rank: int, state: str) -> None:
+        """From the heartbeat's thread: stop the main thread wherever it is (KeyboardInterrupt
+        there; the command tells it from the user's by `quiet_peer`)."""
+        import _thread
+
+        self.quiet_peer = f"no heartbeat for {STALE_SECONDS:g} s" if state == "running" else "its heartbeat said so"
+        _thread.interrupt_main()
+
+    def stop_watching(self) -> None:
+        """No more interruptions from the heartbeat's thread (the command is ending)."""
+        if self.heartbeat is not None:
+            self.heartbeat.on_stale = None
+
     def lock(self, folder: str, name: str) -> FolderLock | None:
         """The lock on `folder` this process took in `open_folder`, handed over (None if none)."""
         return self._locks.pop(os.path.abspath(os.path.join(folder, name)), None)
@@ -240,6 +257,7 @@ class Launch:
     def close(self, state: str | None = None) -> None:
         """The end of this process's part: the heartbeat's last word (`state`: failed, terminated;
         None: done, the file removed) and the locks not handed over released."""
+        self.stop_watching()
         if self.heartbeat is not None:
             self.heartbeat.end(state)
             self.heartbeat = None
@@ -286,13 +304,18 @@ class Heartbeat:
     """This rank's heartbeat, a counter it rewrites every BEAT_SECONDS in the shared folder
     (`{folder}/.artaug-ranks/{launch}-rank-N`), from a thread, whatever the main thread does.
     A rank killed by SIGKILL stops beating; one that ends on an error, or is terminated by its
-    launcher, writes that as its last word. The survivors of a lost peer read who stopped."""
+    launcher, writes that as its last word. The survivors of a lost peer read who stopped; with
+    `on_stale`, the thread also watches the others and calls it once with the first rank whose
+    running heartbeat has not moved for STALE_SECONDS, or that ended on an error (a rank that ended
+    well removed its file; one its launcher terminated, or that lost a peer, is not the cause)."""
 
-    def __init__(self, folder: str, info: ProcessInfo, launch: str):
+    def __init__(self, folder: str, info: ProcessInfo, launch: str, on_stale=None):
         self.dir = os.path.join(folder, RANKS_DIR)
         self.key = hashlib.sha256(launch.encode()).hexdigest()[:12]
         self.info = info
         self.state, self.count = "running", 0
+        self.on_stale = on_stale
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (its last count, when it last moved)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -314,11 +337,27 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(BEAT_SECONDS):
             self._write()
+            if self.on_stale is not None:
+                self._watch()
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for rank, (state, count) in self._read().items():
+            if rank == self.info.rank:
+                continue
+            last, since = self._seen.get(rank, (None, now))
+            if count != last:
+                self._seen[rank] = (count, now)
+            if state == "failed" or (state == "running" and count == last and now - since > STALE_SECONDS):
+                on_stale, self.on_stale = self.on_stale, None  # once
+                if on_stale is not None:
+                    on_stale(rank, state)
+                return
 
     def _write(self) -> None:
         self.count += 1
         path = self.path(self.info.rank)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # the thread's beat and the main thread's last word
         try:
             os.makedirs(self.dir, exist_ok=True)
             with open(tmp, "w", encoding="ascii") as f:

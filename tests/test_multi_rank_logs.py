@@ -123,6 +123,31 @@ def test_a_rank_killed_leaves_one_line_and_the_same_command_resumes_bitwise(tmp_
     assert not os.path.exists(out / ".artaug-ranks")  # the killed rank's heartbeat went with the next launch
 
 
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_launch_after_the_collective_timeout(tmp_path, reference):
+    """Rank 1 paused (alive, beating, never answering) in stage 2: rank 0 stops after
+    --collective-timeout, in one line."""
+    recipe, _, _ = reference
+    marker = tmp_path / "paused"
+    procs = start_ranks(_run_args(recipe, tmp_path / "run") + ["--collective-timeout", "5"],
+                        paused={1: ("train:4", marker)})
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert procs[1].poll() is None and time.time() < deadline, wait_ranks(procs)
+            time.sleep(0.05)
+        hung = time.time()
+        code0, _, err0 = wait_ranks(procs[:1], timeout=120)[0]
+        assert time.time() - hung < 60
+    finally:
+        procs[1].kill()
+        procs[1].wait(30)
+    assert code0 == 2
+    assert _info_free(err0) == ["artaug: error: a process of the launch (2 in all) stopped answering (no answer within "
+                                "the collective timeout of 5 s during stage 2 of round 1); nothing finished was lost: "
+                                "run the same command again to resume"]
+
 @pytest.mark.slow
 def test_a_folder_in_use_is_refused_on_every_rank_before_torch_is_imported(tmp_path):
     """The refusal costs no import of torch, DiffSynth or the models (the other ranks read the
@@ -266,3 +291,35 @@ def test_the_message_names_the_training_stage_from_the_stage_records(tmp_path):
         if rel == "stage2":
             assert _current_stage(str(tmp_path)) == "stage 2"
     assert _current_stage(str(tmp_path)) == "stage 1 of pair-00001-00"
+
+
+def test_a_rank_whose_heartbeat_stops_interrupts_the_others_wherever_they_are(tmp_path, monkeypatch):
+    """Far from any collective (a long share of generation), a survivor still ends: its heartbeat's
+    thread sees the peer's counter stand still for STALE_SECONDS and interrupts the main thread."""
+    monkeypatch.setattr(dist, "BEAT_SECONDS", 0.05)
+    monkeypatch.setattr(dist, "STALE_SECONDS", 0.5)
+    monkeypatch.setattr(dist, "GATE_SECONDS", 5.0)
+    peer = Heartbeat(str(tmp_path), ProcessInfo(1, 2, 1), "launch a:1")
+    peer.start()
+    rank0 = Launch(ProcessInfo(0, 2, 0))
+    rank0.id = "launch a:1"
+    rank0.open_folder(str(tmp_path), RUN_LOCK)
+    try:
+        time.sleep(0.3)
+        assert rank0.quiet_peer is None  # beating: nothing seen
+        peer._stop.set()  # SIGKILLed: the file stays, the counter stands still
+        peer._thread.join()
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+        assert rank0.quiet_peer == "no heartbeat for 0.5 s"
+    finally:
+        rank0.close()
+    seen = []
+    other = Heartbeat(str(tmp_path / "b"), ProcessInfo(0, 2, 0), "launch b:2", on_stale=lambda r, s: seen.append((r, s)))
+    failed = Heartbeat(str(tmp_path / "b"), ProcessInfo(1, 2, 1), "launch b:2")
+    failed.start()
+    failed.end("failed")  # ended on an error: the others stop at once
+    other.start()
+    time.sleep(0.3)
+    other.end(None)
+    assert seen == [(1, "failed")]

@@ -77,16 +77,24 @@ def main(argv: list[str] | None = None) -> int:
         ending = None
         return code
     except ArtaugError as e:
+        launch.stop_watching()
         print(f"artaug: error: {e}", file=sys.stderr)
         return 2
     except LauncherStop:
+        launch.stop_watching()
         ending = "terminated"
         print(f"artaug: error: {launch.stopped_by_launcher()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        launch.stop_watching()
+        if launch.quiet_peer is not None:  # not the user: the heartbeat's thread saw a rank stop
+            ending = "lost-peer"
+            print(f"artaug: error: {launch.lost_peer(launch.quiet_peer)}", file=sys.stderr)
+            return 2
         print("artaug: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        launch.stop_watching()
         cause = peer_failure(e, launch.timeout) if info.world > 1 else None
         if cause is None:
             raise
