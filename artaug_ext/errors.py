@@ -33,6 +33,11 @@ class RunLockedError(ArtaugError, RuntimeError):
     """Another live process holds the run folder's lock."""
 
 
+class PeerLostError(ArtaugError, RuntimeError):
+    """Another process of a multi-process launch stopped or stopped answering; the message
+    names it where it can, and says that running the same command again resumes."""
+
+
 class OutOfSpaceError(ArtaugError, RuntimeError):
     """A write failed because the disk is full or a file-size limit was hit; the message names
     the file (what was written before is intact, and the same command resumes)."""

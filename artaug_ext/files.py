@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 from .errors import FileFormatError, OutOfSpaceError, RunLockedError, UsageError
 
@@ -378,23 +379,33 @@ def check_safetensors(path: str, fix: str = "download or export the file again")
 def lock_holder(folder: str, pattern: str) -> str | None:
     """The process holding a live lock on `folder` (a lock file matching `pattern`, as
     FolderLock writes them), as the pid its holder wrote; None when no lock is held."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+        lines = held_lock(path)
+        if lines is not None:
+            return lines[0] if lines else "another process"
+    return None
+
+
+def held_lock(path: str) -> list[str] | None:
+    """The lines the live holder of the lock file `path` wrote (FolderLock: its pid, then its
+    launch), [] while it has not written them yet; None when no live process holds it. A probe:
+    a shared lock taken and dropped at once, so it never blocks the holder for more than that."""
     try:
         import fcntl
     except ImportError:
         return None
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return [line.strip() for line in os.read(fd, 512).decode("ascii", "replace").splitlines() if line.strip()]
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
     return None
 
 
@@ -402,15 +413,18 @@ class FolderLock:
     """An exclusive OS lock on `{folder}/{name}`, held while a run writes the folder.
 
     The OS releases it when the process dies (even on kill -9), so a stale lock never blocks a
-    resume; a live holder is named in the error (its pid is written into the lock file)."""
+    resume; a live holder is named in the error (its pid is written into the lock file, then
+    `owner`: the launch it belongs to, which the other ranks of that launch read)."""
 
-    def __init__(self, folder: str, name: str = ".artaug.lock", what: str = "run folder"):
+    def __init__(self, folder: str, name: str = ".artaug.lock", what: str = "run folder", owner: str = ""):
         self.path = os.path.join(folder, name)
-        self.folder, self.what = folder, what
+        self.folder, self.what, self.owner = folder, what, owner
         self._fd: int | None = None
 
-    def acquire(self, wait: bool = False) -> FolderLock:
-        """Take the lock; `wait`: block until a live holder releases it, else refuse at once."""
+    def acquire(self, wait: bool = False, retry_seconds: float = 0.0) -> FolderLock:
+        """Take the lock; `wait`: block until a live holder releases it, else refuse at once, or
+        after `retry_seconds` of retries (other ranks of a launch probe the lock, `held_lock`, for
+        microseconds at a time)."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, say so once
@@ -418,23 +432,37 @@ class FolderLock:
             return self
         os.makedirs(self.folder, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
-            os.close(fd)
-            raise RunLockedError(f"{self.what} {self.folder} is in use by process {holder}; wait for it to finish "
-                                 "(or stop it), or use another folder") from None
+        deadline = time.monotonic() + retry_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                lines = os.read(fd, 512).decode("ascii", "replace").splitlines()
+                os.close(fd)
+                raise self.refusal(lines[0].strip() if lines else "") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()}\n{self.owner}\n".encode() if self.owner else str(os.getpid()).encode())
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def refusal(self, holder: str) -> RunLockedError:
+        """The error for a folder whose lock the process `holder` (its pid) holds."""
+        return RunLockedError(f"{self.what} {self.folder} is in use by process {holder or 'another process'}; wait for "
+                              "it to finish (or stop it), or use another folder")
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def __enter__(self) -> FolderLock:
         return self if self._fd is not None else self.acquire()

@@ -153,3 +153,40 @@ def file_tree(folder) -> dict:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = f.read()
     return out
+
+
+def start_ranks(args: list[str], world: int = 2, *, outs: list | None = None, paused: dict | None = None,
+                env: dict | None = None) -> list[subprocess.Popen]:
+    """`artaug ARGS` as a `world`-process launch without a launcher agent (what torchrun sets,
+    rank by rank, as a scheduler such as Slurm starts them), gloo on CPU, one thread a rank.
+    `outs`: a per-rank value for `--out`; `paused`: {rank: (pause_at, marker)} runs that rank
+    under tests/pause_at.py (the caller waits for the marker and kills it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        rank_env = dict(child_env(**(env or {})), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        entry = ["-m", "artaug_ext.cli"]
+        if paused and rank in paused:
+            pause_at, marker = paused[rank]
+            if os.path.exists(marker):
+                os.unlink(marker)
+            rank_env.update(PAUSE_AT=pause_at, PAUSE_MARKER=str(marker))
+            entry = [PAUSE_AT]
+        rank_args = list(args) + (["--out", str(outs[rank])] if outs else [])
+        procs.append(subprocess.Popen([sys.executable, *entry, *rank_args], env=rank_env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each rank, in rank order."""
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out, err))
+    return results

@@ -1,7 +1,8 @@
 """Run `artaug ...` in this process, paused forever at a chosen point, for kill -9 tests.
 
-PAUSE_AT="event:n" pauses at the n-th `event` after writing the file PAUSE_MARKER, so the
-test knows when to SIGKILL the process. The faults are injected here, from outside the
+PAUSE_AT="event:n" pauses at the n-th `event` after writing the file PAUSE_MARKER (its second
+line: the pid), so the test knows when to SIGKILL the process; with PAUSE_RANK=r, only the
+process of RANK r pauses (a launch whose every rank runs this file, as torchrun starts them). The faults are injected here, from outside the
 product: the product's own writers are wrapped (monkeypatched) in this process only.
 
 Events:
@@ -9,7 +10,8 @@ Events:
   png       inside the n-th PNG write, with half of the temporary file written
   manifest  inside the n-th manifest append, with half of the line written
   cache     after the n-th pair written into a latent cache (`artaug run`)
-  step      after the n-th optimizer step's loss line, before its checkpoint (`artaug run`)
+  step      after the n-th optimizer step's loss line, before its checkpoint (`artaug run`, main process)
+  train     before the n-th training step's forward and backward, on any rank (`artaug run`)
 """
 
 import os
@@ -21,7 +23,7 @@ COUNTS: dict[str, int] = {}
 
 def hit(event: str) -> bool:
     name, _, count = os.environ.get("PAUSE_AT", "").partition(":")
-    if name != event:
+    if name != event or os.environ.get("PAUSE_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
         return False
     COUNTS[event] = COUNTS.get(event, 0) + 1
     return COUNTS[event] == int(count or 1)
@@ -29,7 +31,7 @@ def hit(event: str) -> bool:
 
 def pause() -> None:
     with open(os.environ["PAUSE_MARKER"], "w") as f:
-        f.write(os.environ["PAUSE_AT"])
+        f.write(f"{os.environ['PAUSE_AT']}\n{os.getpid()}\n")
     while True:
         time.sleep(1)
 
@@ -89,6 +91,14 @@ def install() -> None:
         return out
 
     loop.append_line = log_step
+    real_step_loss = loop._step_loss
+
+    def step_loss(*args, **kwargs):
+        if hit("train"):
+            pause()
+        return real_step_loss(*args, **kwargs)
+
+    loop._step_loss = step_loss
 
 
 if __name__ == "__main__":

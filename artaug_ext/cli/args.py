@@ -70,6 +70,15 @@ def lora_spec(text: str) -> tuple[str, float]:
     return path, value
 
 
+def add_launch_options(p) -> None:
+    """Options of a command that runs under torchrun / accelerate launch (run, demo, interact, eval)."""
+    from ..dist import DEFAULT_COLLECTIVE_TIMEOUT
+
+    p.add_argument("--collective-timeout", type=positive_int, default=DEFAULT_COLLECTIVE_TIMEOUT, metavar="SECONDS",
+                   help="multi-process launches: how long a rank waits for the others in a collective before the "
+                   f"launch stops, naming the rank (default {DEFAULT_COLLECTIVE_TIMEOUT}, torch's)")
+
+
 class Parser(argparse.ArgumentParser):
     """Argument errors as one line naming the option and the fix, not a usage dump."""
 

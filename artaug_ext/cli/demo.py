@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from .args import check_device, check_model_dir, check_output_dir, positive_int
+from .args import add_launch_options, check_device, check_model_dir, check_output_dir, positive_int
 
 logger = logging.getLogger("artaug_ext.cli")
 
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    add_launch_options(p)
     p.set_defaults(run=run)
 
 
@@ -44,10 +45,13 @@ def fresh_folder(base: str = "artaug-demo") -> str:
 
 def run(args) -> int:
     from ..recipe.config import load_recipe
+    from ..recipe.layout import RUN_LOCK
 
     recipe = load_recipe(demo_recipe_path())
     out = args.out or fresh_folder()
     check_output_dir("--out", out)
+    launch = args.launch
+    launch.open_folder(out, RUN_LOCK)  # before torch: a folder in use is refused at once, on every rank
     check_device("--device", args.device)
     check_model_dir(recipe.run.model, args.model_dir)
     from ..recipe.runner import run_recipe
@@ -56,19 +60,21 @@ def run(args) -> int:
 
     set_threads(args.threads, args.device)
     n_prompts = len(recipe.prompts())
-    print(f"artaug demo: a SMALL run of the whole ArtAug loop on the embedded tiny model ({recipe.run.rounds} rounds, "
+    say = print if launch.info.main else (lambda *a, **k: None)  # one launch, one log
+    say(f"artaug demo: a SMALL run of the whole ArtAug loop on the embedded tiny model ({recipe.run.rounds} rounds, "
           f"{n_prompts} prompts, the heuristic critic and scorer), into {out}. It shows the machinery working end to "
           "end; it is not a result about image quality.", flush=True)
     t0 = time.perf_counter()
-    summary = run_recipe(recipe, out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)
-    print(format_summary(summary))
+    summary = run_recipe(recipe, out, model_dir=args.model_dir, device=args.device,
+                         progress=not args.no_progress and launch.info.main, launch=launch)
+    say(format_summary(summary))
     check = summary.get("eval")
     if check:
-        print(check["text"])
-    print(f"done in {time.perf_counter() - t0:.0f} s.")
+        say(check["text"])
+    say(f"done in {time.perf_counter() - t0:.0f} s.")
     if summary.get("report"):
-        print(f"report: {os.path.join(summary['out'], summary['report'])}")
+        say(f"report: {os.path.join(summary['out'], summary['report'])}")
     if summary.get("final"):
-        print(f"use it: artaug generate --model {recipe.run.model} --lora {os.path.join(out, summary['final']['lora'])} "
+        say(f"use it: artaug generate --model {recipe.run.model} --lora {os.path.join(out, summary['final']['lora'])} "
               f"--prompt \"{recipe.prompts()[0]}\" --out demo.png")
     return 0

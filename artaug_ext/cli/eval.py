@@ -8,6 +8,7 @@ import os
 from ..errors import UsageError
 from .args import (
     DEFAULT_MAX_PIXELS,
+    add_launch_options,
     check_device,
     check_image_size,
     check_lora_file,
@@ -52,6 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    add_launch_options(p)
     p.set_defaults(run=run)
 
 
@@ -124,9 +126,13 @@ def run(args) -> int:
     size = card(args.model).defaults.size
     width, height = args.size or (size, size)
     check_image_size(width, height, args.max_pixels, "--size")
+    from ..dist import Collective
+    from ..eval.run import EVAL_LOCK, EvalConfig, format_table, run_eval
+
+    launch = args.launch
+    launch.open_folder(args.out, EVAL_LOCK, "eval folder")  # before torch: a folder in use is refused at once
     check_device("--device", args.device)
     check_model_dir(args.model, args.model_dir)
-    from ..eval.run import EvalConfig, format_table, run_eval
     from .interact import set_threads
 
     selection = None
@@ -139,10 +145,16 @@ def run(args) -> int:
                      batch_size=args.batch_size, selection_scorer=selection)
     cfg.validate()
     set_threads(args.threads, args.device)
-    result = run_eval(cfg, args.out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)
+    launch.doing = "the evaluation"
+    result = run_eval(cfg, args.out, model_dir=args.model_dir, device=args.device,
+                      progress=not args.no_progress and launch.info.main, collective=Collective(launch=launch))
+    if not launch.info.main:
+        return 0  # one launch, one log: the main process prints the table (the other ranks have no table)
     print(format_table(result))
     t = result["timing"]
-    print(f"{t['generated_images']} images generated in {t['generation_seconds']:.0f} s; scoring {t['scoring_seconds']:.2f} s "
+    world = launch.info.world
+    share = f" by rank 0 (each of the {world} ranks generates its share)" if world > 1 else ""
+    print(f"{t['generated_images']} images generated{share} in {t['generation_seconds']:.0f} s; scoring {t['scoring_seconds']:.2f} s "
           f"({t['scorer_forward_passes']} scorer forward passes, {t['score_cache_hits']} from the cache)")
     print(f"report: {os.path.join(args.out, result['report'])}")
     return 0

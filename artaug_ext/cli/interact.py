@@ -9,6 +9,7 @@ import os
 from ..errors import UsageError
 from .args import (
     DEFAULT_MAX_PIXELS,
+    add_launch_options,
     check_device,
     check_image_size,
     check_input_file,
@@ -68,6 +69,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is much faster on a shared, busy CPU)")
+    add_launch_options(p)
     p.set_defaults(run=run_interact)
 
     e = sub.add_parser("interact-export", help="merge a run's shards and export kept pairs for DiffSynth's trainer")
@@ -123,14 +125,27 @@ def set_threads(threads: int | None, device: str | None) -> None:
 
 
 def run_interact(args) -> int:
-    from ..interact.loop import run_interact as run_loop
+    from ..dist import Collective
+    from ..interact.config import INTERACT_LOCK
 
     cfg = config_from_args(args)
+    launch = args.launch
+    launch.open_folder(args.out, INTERACT_LOCK)  # before torch: a folder in use is refused at once, on every rank
     check_device("--device", args.device)
     check_model_dir(args.model, args.model_dir)
+    from ..interact.loop import run_interact as run_loop
+
     set_threads(args.threads, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    stats = run_loop(cfg, args.out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)
+    launch.doing = "the interaction"
+    collective = Collective(launch=launch)
+    stats = run_loop(cfg, args.out, model_dir=args.model_dir, device=args.device,
+                     progress=not args.no_progress and launch.info.main, collective=collective)
+    if launch.info.world > 1:  # one launch, one log: the main process prints the whole launch's counts
+        every = collective.gather(stats)
+        if not launch.info.main:
+            return 0
+        whole = next((s for s in every if s.get("merged") is not None), stats)  # the last rank's: every shard done
+        stats = dict(whole, processed=sum(s["processed"] for s in every), seconds=max(s["seconds"] for s in every))
     rate = stats["preference_rate"]
     print(f"{args.out}: {stats['items']} items ({stats['processed']} new in {stats['seconds']:.1f}s), "
           f"{stats['enhanced']} enhanced, {stats['kept']} kept; enhanced scored higher in "

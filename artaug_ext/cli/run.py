@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .args import check_device, check_model_dir, check_output_dir, positive_int
+from .args import add_launch_options, check_device, check_model_dir, check_output_dir, positive_int
 
 logger = logging.getLogger("artaug_ext.cli")
 
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    add_launch_options(p)
     p.set_defaults(run=run)
 
 
@@ -30,6 +31,7 @@ def default_out(recipe) -> str:
 
 def run(args) -> int:
     from ..recipe.config import load_recipe
+    from ..recipe.layout import RUN_LOCK
 
     recipe = load_recipe(args.recipe)
     if args.dry_run:
@@ -41,14 +43,18 @@ def run(args) -> int:
         return 0
     out = args.out or default_out(recipe)
     check_output_dir("--out", out)
+    launch = args.launch
+    launch.open_folder(out, RUN_LOCK)  # before torch: a folder in use is refused at once, on every rank
     check_device("--device", args.device)
     check_model_dir(recipe.run.model, args.model_dir)
     from ..recipe.runner import run_recipe
     from .interact import set_threads
 
     set_threads(args.threads, args.device)
-    summary = run_recipe(recipe, out, model_dir=args.model_dir, device=args.device, progress=not args.no_progress)
-    print(format_summary(summary))
+    summary = run_recipe(recipe, out, model_dir=args.model_dir, device=args.device,
+                         progress=not args.no_progress and launch.info.main, launch=launch)
+    if launch.info.main:
+        print(format_summary(summary))
     return 0
 
 

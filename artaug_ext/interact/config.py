@@ -10,6 +10,7 @@ from .constants import DEFAULT_REGION_SCALE
 from .keep import FilterConfig
 
 RUN_FORMAT = 1
+INTERACT_LOCK = ".artaug-lock"  # held by the main process of the run writing the folder (its pid inside)
 
 
 @dataclass

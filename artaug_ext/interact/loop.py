@@ -35,7 +35,7 @@ from ..dist import Collective, lock_folder
 from ..errors import FileFormatError
 from ..files import append_line, atomic_write_bytes, json_line, sha256_path
 from ..hub import hash_cache_file
-from .config import InteractConfig, check_run_json, item_id, run_settings
+from .config import INTERACT_LOCK, InteractConfig, check_run_json, item_id, run_settings
 from .enhance import enhance
 from .images import load_image, png_bytes
 from .keep import keep_pair
@@ -52,8 +52,6 @@ from .parse import ParseResult, split_identities
 from .pictures import pair_picture
 
 logger = logging.getLogger(__name__)
-
-INTERACT_LOCK = ".artaug-lock"  # held by the main process of the run writing the folder (its pid inside)
 
 
 class InteractRun:

@@ -17,6 +17,7 @@ writes the shared files.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from ..dist import Collective, lock_folder, process_info
+from ..dist import Collective, Launch, lock_folder, process_info
 from ..errors import FileFormatError, UsageError
 from ..files import atomic_write_json, check_safetensors, read_json, record_settings, sha256_file
 from .config import Recipe
@@ -104,23 +105,29 @@ class RecipeRun:
     """One process's part of a run (all of it without torchrun / accelerate launch)."""
 
     def __init__(self, recipe: Recipe, out_dir: str, *, model_dir: str | None = None, device: str | None = None,
-                 progress: bool = True, accelerator=None):
+                 progress: bool = True, accelerator=None, launch: Launch | None = None):
         self.recipe, self.out_dir, self.model_dir, self.progress = recipe, os.path.abspath(out_dir), model_dir, progress
+        # what the command holds for the launch (the folder lock it took before torch, what is going on)
+        self.launch = launch or Launch()
         self.accelerator = accelerator or self._make_accelerator(device)
         info = process_info(self.accelerator)
         self.rank, self.world, self.main = info.rank, info.world, info.main
-        self.collective = Collective(self.accelerator, info)
+        self.collective = Collective(self.accelerator, info, self.launch)
         self.device = device if device not in (None, "cuda") or self.world == 1 else str(self.accelerator.device)
 
     def _make_accelerator(self, device: str | None):
+        from datetime import timedelta
+
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
         cpu = device == "cpu" or not torch.cuda.is_available()
         mixed = self.recipe.train.mixed_precision
         if mixed == "auto":
             mixed = "no" if cpu else "bf16"
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=self.launch.timeout))  # a hung peer: bounded
         return Accelerator(cpu=cpu, mixed_precision="no" if cpu else mixed, log_with=self.recipe.train.log_with,
-                           project_dir=self.out_dir)
+                           project_dir=self.out_dir, kwargs_handlers=[timeout])
 
     # ------------------------------------------------------------------ setup
 
@@ -217,6 +224,7 @@ class RecipeRun:
         folder = round_dir(self.out_dir, round_number)
         t0 = time.perf_counter()
         logger.info("round %d: interaction (generate, critique, enhance, filter)", round_number)
+        self.launch.doing = f"the interaction of round {round_number}"
         self._interact(round_number, os.path.join(folder, "interact"))
         pairs, record = self._select_pairs(os.path.join(folder, "interact"), round_number)
         if not pairs:
@@ -226,6 +234,7 @@ class RecipeRun:
         logger.info("round %d: %d of %d items kept; caching latents of %d pairs", round_number, record.kept,
                     record.items, len(pairs))
         cache_dir = os.path.join(folder, "cache")
+        self.launch.doing = f"the latent cache of round {round_number}"
         build_cache(self.pipe, pairs, cache_dir, t5_sequence_length=t5_sequence_length(self.recipe.run.model),
                     resolution=self.recipe.train.resolution, rank=self.rank, world=self.world, progress=self.progress)
         self._barrier()
@@ -233,8 +242,13 @@ class RecipeRun:
         logger.info("round %d: training the %s differential LoRA", round_number, self.recipe.train.mode)
         from ..files import sha256_file
 
-        lora = train_round_lora(self.pipe.dit, cache, self.recipe.train, folder, accelerator=self.accelerator,
-                                progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
+        self.launch.doing = f"the training of round {round_number}"
+        try:
+            lora = train_round_lora(self.pipe.dit, cache, self.recipe.train, folder, accelerator=self.accelerator,
+                                    progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
+        except BaseException:
+            self.launch.doing = f"{_current_stage(folder)} of round {round_number}"
+            raise
         record.lora = os.path.relpath(lora.path, self.out_dir)
         record.lora_sha256 = sha256_file(lora.path)
         record.train = _loss_summary(lora.info.get("losses", {}), lora.info.get("gaps", {}))
@@ -284,9 +298,11 @@ class RecipeRun:
                 if not record.stopped:
                     logger.info("stopping after round %d: %s", round_number, stopped)
                 break
+        self.launch.doing = "the final LoRA"
         final = self._final(rounds) if self.round_loras else None
         summary = {"out": self.out_dir, "rounds": [rec.to_dict() for rec in rounds], "stopped": stopped, "final": final}
         if final and self.recipe.eval is not None:
+            self.launch.doing = "the held-out check"
             summary["eval"] = self._held_out_check()
         if self.main:
             from .report import write_run_report
@@ -447,6 +463,18 @@ class RecipeRun:
             "train_guidance": train_guidance_note(self.recipe),
             "recipe": self.recipe.to_dict(),
         }
+
+
+def _current_stage(round_folder: str) -> str:
+    """The training stage a round was in ("stage 2", "stage 1 of pair-00001-00"): the one whose
+    stage record was written last (each stage writes it before it trains)."""
+    from ..train.differential import STAGE_RECORD
+
+    records = glob.glob(os.path.join(glob.escape(round_folder), "**", STAGE_RECORD), recursive=True)
+    if not records:
+        return "the training"
+    stage = os.path.relpath(os.path.dirname(max(records, key=os.path.getmtime)), round_folder).split(os.sep)
+    return " of ".join(part.replace("stage", "stage ") if part.startswith("stage") else part for part in reversed(stage))
 
 
 def _drop_other_eval(folder: str, cfg, pipe, model_dir: str | None) -> None:
