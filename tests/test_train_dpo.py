@@ -223,3 +223,22 @@ def test_kill_9_inside_a_dpo_stage_then_resume_gives_the_same_lora(pipe, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     for rel in ("rounds/round-01/lora.safetensors", "final/lora.safetensors"):
         assert (tmp_path / "run" / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes(), rel
+
+
+def test_a_run_recorded_before_a_key_existed_resumes_at_its_default_and_is_refused_at_another(tmp_path):
+    """Upgrades add recipe keys (train.dpo_sft_weight, filter.keep): a run folder whose record
+    lacks one still matches the recipe while the recipe holds the key's default."""
+    from artaug_ext.recipe.runner import _check_run_json
+
+    recipe = load_recipe(str(micro_recipe(tmp_path / "micro.toml")))
+    out = tmp_path / "run"
+    out.mkdir()
+    _check_run_json(str(out), recipe)  # writes the record
+    record = json.loads((out / "run.json").read_text())
+    del record["recipe"]["train"]["dpo_sft_weight"], record["recipe"]["filter"]["keep"]
+    (out / "run.json").write_text(json.dumps(record))
+    _check_run_json(str(out), recipe)  # the defaults: the same run
+    assert "keep" not in json.loads((out / "run.json").read_text())["recipe"]["filter"]  # nothing rewritten
+    changed = load_recipe(str(micro_recipe(tmp_path / "other.toml", filter={"keep": "enhanced"})))
+    with pytest.raises(UsageError, match=r"holds a run of another recipe \(recipe\.filter\.keep"):
+        _check_run_json(str(out), changed)

@@ -154,6 +154,17 @@ _SECTIONS = {"run": RunSection, "data": DataSection, "critic": CriticSection, "f
 _REQUIRED_SECTIONS = ("run", "data")
 
 
+def section_defaults(name: str) -> dict:
+    """The default of every key of the recipe table `name` that has one (as `to_dict` writes it)."""
+    out = {}
+    for f in dataclasses.fields(_SECTIONS[name]):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _fields_most_specific_first(cls) -> list[dataclasses.Field]:
     """A table's keys in the order a reader looks for them: the class's own before inherited ones
     ([train]: how the LoRA is made, then how it is optimised)."""

@@ -28,7 +28,7 @@ import torch
 from ..dist import Collective, Launch, lock_folder, process_info
 from ..errors import FileFormatError, UsageError
 from ..files import atomic_write_json, check_safetensors, read_json, record_settings, sha256_file
-from .config import Recipe
+from .config import Recipe, section_defaults
 from .layout import (
     FINAL_EVAL,
     FINAL_LORA,
@@ -60,12 +60,30 @@ def _check_run_json(out_dir: str, recipe: Recipe) -> None:
         raise FileFormatError(path, f"{problem} (the record of the recipe this run folder was made with)",
                               f"delete {path}: the next `artaug run` of the recipe that made the folder writes it "
                               "again and resumes")
-    record_settings(path, resolved, f"--out {out_dir} holds a run of another recipe ({{diff}}); resume with the same "
-                    "recipe, or give a new --out for this one (nothing there was changed)", write=False)
+    record_settings(path, _as_recorded(resolved, path), f"--out {out_dir} holds a run of another recipe ({{diff}}); "
+                    "resume with the same recipe, or give a new --out for this one (nothing there was changed)",
+                    write=False)
     if not os.path.exists(path):
         atomic_write_json(path, resolved, shared=True)
         if recipe.path and os.path.isfile(recipe.path):
             shutil.copyfile(recipe.path, os.path.join(out_dir, "recipe.toml"))
+
+
+def _as_recorded(resolved: dict, path: str) -> dict:
+    """The run record as a version that did not have some recipe keys yet wrote it: a key the
+    folder's record lacks is left out where the recipe holds its default, so a run made before
+    a key existed resumes after an upgrade (at any other value the key is a difference)."""
+    if not os.path.exists(path):
+        return resolved
+    recorded = read_json(path, "run record", "").get("recipe", {})
+    recipe = {name: dict(table) if isinstance(table, dict) else table for name, table in resolved["recipe"].items()}
+    for name, table in recipe.items():
+        if not (isinstance(table, dict) and isinstance(recorded.get(name), dict)):
+            continue
+        defaults = section_defaults(name)
+        for key in [k for k in table if k not in recorded[name] and k in defaults and table[k] == defaults[k]]:
+            del table[key]
+    return {**resolved, "recipe": recipe}
 
 
 def _damaged_json(path: str, what: str) -> str | None:
