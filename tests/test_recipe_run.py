@@ -140,7 +140,7 @@ def test_kill_9_in_the_cache_and_in_both_stages_then_resume_gives_the_same_lora(
 def test_dry_run_of_every_shipped_recipe(capsys):
     from artaug_ext.cli import main
 
-    for name in ("smoke.toml", "flux_dev_artaug.toml", "flux_dev_artaug_8gpu.toml"):
+    for name in ("smoke.toml", "tiny_artaug.toml", "flux_dev_artaug.toml", "flux_dev_artaug_8gpu.toml"):
         path = os.path.join(REPO, "recipes", name)
         assert main(["run", path, "--dry-run", "--gpus", "8" if "8gpu" in name else "1"]) == 0, name
         out = capsys.readouterr().out
