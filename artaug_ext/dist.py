@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -203,6 +204,8 @@ class Launch:
         self._locks: dict[str, FolderLock] = {}
         self.heartbeat: Heartbeat | None = None
         self.quiet_peer: str | None = None  # what the heartbeat's thread saw of a rank that stopped
+        self._interrupting = False  # the heartbeat's thread asked the main thread to stop
+        self._sigint = None  # the SIGINT handler ours replaced while the heartbeat watches (restored in close)
 
     def open_folder(self, folder: str, name: str, what: str = "run folder") -> None:
         """Take (main process) or wait for (other ranks) the launch's lock on `folder`, then beat there."""
@@ -216,6 +219,7 @@ class Launch:
             self.heartbeat = Heartbeat(folder, self.info, self.id, on_stale=self._peer_went_quiet)
             if self.info.main:
                 self.heartbeat.drop_other_launches()
+            self._catch_sigint()
             self.heartbeat.start()
 
     def _wait_for_main(self, lock: FolderLock) -> bool:
@@ -239,11 +243,48 @@ class Launch:
 
     def _peer_went_quiet(self, rank: int, state: str) -> None:
         """From the heartbeat's thread: stop the main thread wherever it is (KeyboardInterrupt
-        there; the command tells it from the user's by `quiet_peer`)."""
+        there, once it is back in Python; the command tells it from the user's by `quiet_peer`)."""
         import _thread
 
         self.quiet_peer = f"no heartbeat for {STALE_SECONDS:g} s" if state == "running" else "its heartbeat said so"
-        _thread.interrupt_main()
+        self._interrupting = True
+        _thread.interrupt_main(signal.SIGINT)  # calls the SIGINT handler: ours, or Python's default one
+
+    def _catch_sigint(self) -> None:
+        """From the main thread: a SIGINT handler that raises KeyboardInterrupt when the heartbeat's
+        thread asks, whatever SIGINT's disposition was. `interrupt_main` does nothing when SIGINT is
+        ignored (SIG_IGN: a rank started in the background of a script, and every process it
+        starts, inherit that) or left to the system (SIG_DFL). A real SIGINT does what it did before:
+        the earlier Python handler, nothing (SIG_IGN), or the system's default (SIG_DFL)."""
+        if threading.current_thread() is not threading.main_thread() or self._sigint is not None:
+            return
+        before = signal.getsignal(signal.SIGINT)
+        if before is None:  # a handler installed outside Python: left alone (interrupt_main calls it)
+            return
+
+        def handler(signum, frame):
+            if self._interrupting:
+                self._interrupting = False
+                raise KeyboardInterrupt
+            if callable(before):
+                return before(signum, frame)
+            if before == signal.SIG_DFL:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+            # SIG_IGN: ignored, as before
+
+        signal.signal(signal.SIGINT, handler)
+        self._sigint = (before, handler)
+
+    def _restore_sigint(self) -> None:
+        """SIGINT's handler as it was before `open_folder` (main thread; left as it is when another
+        handler replaced ours since)."""
+        if self._sigint is None or threading.current_thread() is not threading.main_thread():
+            return
+        before, ours = self._sigint
+        self._sigint = None
+        if signal.getsignal(signal.SIGINT) is ours:
+            signal.signal(signal.SIGINT, before)
 
     def stop_watching(self) -> None:
         """No more interruptions from the heartbeat's thread (the command is ending)."""
@@ -261,6 +302,7 @@ class Launch:
         if self.heartbeat is not None:
             self.heartbeat.end(state)
             self.heartbeat = None
+        self._restore_sigint()
         for lock in self._locks.values():
             lock.release()
         self._locks.clear()

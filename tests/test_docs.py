@@ -52,6 +52,9 @@ OTHER_OPTIONS = {
     "--master_port": "torchrun", "--config_file": "accelerate launch", "--machine_rank": "accelerate launch",
     "--main_process_ip": "accelerate launch", "--tensor-parallel-size": "vllm serve", "--port": "vllm serve",
     "--split": "benchmarks/bench_method.py", "--full-res": "benchmarks/bench_method.py",
+    **{opt: "benchmarks/bench_method.py" for opt in (
+        "--mode", "--keep", "--rounds", "--train-prompts", "--lr", "--dpo-beta", "--dpo-betas", "--dpo-sft-weight",
+        "--dpo-sft-weights", "--scored-arm", "--recipe", "--prior-dev-configs")},
     "--heldout": "benchmarks/critic_on_renders.py", "--multi": "benchmarks/critic_on_renders.py",
     "--finetune-dit": "recipes/train_tiny.py", "--strict": "mkdocs build", "--check": "docs/gen_recipe_keys.py",
 }
