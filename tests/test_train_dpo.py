@@ -17,7 +17,7 @@ from helpers import REPO, child_env, kill_when_paused, micro_recipe
 from artaug_ext.errors import UsageError
 from artaug_ext.recipe.config import load_recipe
 from artaug_ext.recipe.runner import run_recipe
-from artaug_ext.train.flow import FlowDPOObjective, FlowMatchObjective, paired_draw, paired_errors
+from artaug_ext.train.flow import FlowDPOObjective, FlowMatchObjective, paired_errors
 from artaug_ext.train.loop import SampleRandom
 from artaug_ext.train.lora import adapters_disabled, inject_lora
 
@@ -73,7 +73,7 @@ def test_flow_dpo_loss_equals_the_fp64_formula_with_the_base_as_reference():
     obj = FlowMatchObjective(guidance=1.0)
     dpo = FlowDPOObjective(obj, beta, lambda: adapters_disabled(model))
     loss, metrics = dpo(model, batch, SampleRandom(7, [0, 1, 2]))
-    sigma, timestep, wts, noise = paired_draw(obj, SampleRandom(7, [0, 1, 2]), batch["original"])
+    sigma, timestep, wts, noise = obj.draw(SampleRandom(7, [0, 1, 2]), batch["original"])
     layer = model.proj
     merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
     eo, ee = _reference_errors(merged, layer.base_layer.bias, batch, sigma, timestep, wts, noise)
@@ -96,7 +96,7 @@ def test_the_sft_weight_adds_the_enhanced_images_own_error():
     mixed, _ = FlowDPOObjective(obj, 300.0, lambda: adapters_disabled(model), sft_weight=0.5)(
         model, batch, SampleRandom(2, [0, 1, 2]))
     with torch.no_grad():
-        _, e_enh = paired_errors(obj, model, batch, paired_draw(obj, SampleRandom(2, [0, 1, 2]), batch["original"]))
+        _, e_enh = paired_errors(obj, model, batch, obj.draw(SampleRandom(2, [0, 1, 2]), batch["original"]))
     assert float(mixed.detach()) == pytest.approx(float(pure.detach()) + 0.5 * float(e_enh.mean()), rel=1e-6)
     with pytest.raises(UsageError, match="sft weight must be 0 or positive"):
         FlowDPOObjective(obj, 300.0, None, sft_weight=-1.0)
@@ -115,8 +115,7 @@ def test_both_images_of_a_pair_share_the_noise_and_timestep():
     """Identical images give exactly equal errors: the draws are the pair's, not the image's."""
     model, batch, obj = _toy(), _batch(b=4, same=True), FlowMatchObjective()
     with torch.no_grad():
-        e_orig, e_enh = paired_errors(obj, model, batch, paired_draw(obj, SampleRandom(3, [5, 6, 7, 8]),
-                                                                     batch["original"]))
+        e_orig, e_enh = paired_errors(obj, model, batch, obj.draw(SampleRandom(3, [5, 6, 7, 8]), batch["original"]))
     assert torch.equal(e_orig, e_enh) and float(e_orig.min()) > 0
 
 

@@ -38,7 +38,7 @@ import torch
 from ..errors import UsageError
 from ..files import atomic_write_json, check_safetensors, first_difference, read_json, sha256_file
 from .cache import LatentCache
-from .flow import FlowDPOObjective, FlowMatchObjective, FluxDenoiser, paired_draw, paired_errors
+from .flow import FlowDPOObjective, FlowMatchObjective, FluxDenoiser, paired_errors
 from .loop import SampleRandom, TrainConfig, train
 from .lora import adapters_disabled, inject_lora, lora_state_dict, remove_lora, save_lora
 from .loss_log import read_loss_log
@@ -190,7 +190,7 @@ def _errors_on(denoiser, cache: LatentCache, objective: FlowMatchObjective, batc
         chunk = jobs[start:start + batch_size]
         batch = {k: v.to(dtype) for k, v in cache.pairs_batch([i for i, _ in chunk]).items()}
         rng = SampleRandom(GAP_SEED, [d * GAP_PAIRS + i for i, d in chunk])
-        e_orig, e_enh = paired_errors(objective, denoiser, batch, paired_draw(objective, rng, batch["original"]))
+        e_orig, e_enh = paired_errors(objective, denoiser, batch, objective.draw(rng, batch["original"]))
         sums["original"] += float(e_orig.sum())
         sums["enhanced"] += float(e_enh.sum())
     out = {k: v / len(jobs) for k, v in sums.items()}

@@ -76,46 +76,40 @@ class FlowMatchObjective:
             weight = sched.linear_timesteps_weights[ids] if self.weighting == "diffsynth" else torch.ones(len(ids))
         return sigma.to(device, dtype), timestep.to(device, dtype), weight.float().to(device)
 
-    def __call__(self, denoiser, latents: torch.Tensor, prompt_emb: torch.Tensor, pooled_prompt_emb: torch.Tensor,
-                 rng) -> torch.Tensor:
+    def draw(self, rng, like: torch.Tensor):
+        """(sigma, timestep, loss weight, noise) for the batch's samples, shaped like `like`.
+        Drawn on CPU generators, so runs are identical on any device and resumable."""
+        sigma, timestep, weight = self.sample(rng, like.device, like.dtype)
+        noise = rng.randn(*like.shape[1:]).to(like.device, like.dtype)
+        return sigma, timestep, weight, noise
+
+    def errors(self, denoiser, latents: torch.Tensor, prompt_emb: torch.Tensor, pooled_prompt_emb: torch.Tensor,
+               draw) -> torch.Tensor:
+        """Per sample, the weighted flow-matching error ([b], fp32) under `draw` (`self.draw`'s)."""
+        sigma, timestep, weight, noise = draw
         b = latents.shape[0]
-        sigma, timestep, weight = self.sample(rng, latents.device, latents.dtype)
-        # Drawn on CPU generators, so runs are identical on any device and resumable.
-        noise = rng.randn(*latents.shape[1:]).to(latents.device, latents.dtype)
         s = sigma.view(b, *([1] * (latents.dim() - 1)))
         noisy = (1 - s) * latents + s * noise
         target = self.scheduler.training_target(latents, noise, timestep)
         guidance = torch.full((b,), self.guidance, device=latents.device, dtype=latents.dtype)
         pred = denoiser(noisy, timestep, prompt_emb, pooled_prompt_emb, guidance)
         per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
-        return (per_sample * weight).mean()
+        return per_sample * weight
 
-
-
-def paired_draw(objective: FlowMatchObjective, rng, like: torch.Tensor):
-    """One timestep, loss weight and noise per pair, for both of its images: (sigma, timestep,
-    weight, noise), drawn as `FlowMatchObjective` draws them for a single image."""
-    sigma, timestep, weight = objective.sample(rng, like.device, like.dtype)
-    noise = rng.randn(*like.shape[1:]).to(like.device, like.dtype)
-    return sigma, timestep, weight, noise
+    def __call__(self, denoiser, latents: torch.Tensor, prompt_emb: torch.Tensor, pooled_prompt_emb: torch.Tensor,
+                 rng) -> torch.Tensor:
+        return self.errors(denoiser, latents, prompt_emb, pooled_prompt_emb, self.draw(rng, latents)).mean()
 
 
 def paired_errors(objective: FlowMatchObjective, denoiser, batch: dict, draw) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair, the weighted flow-matching error of its original and of its enhanced image under
-    the SAME timestep and noise (`draw`; [b] each, fp32): what the two images share (prompt,
-    layout, the noise draw) costs both the same, so their difference is the pair's own. One DiT
-    call on the [2b] batch."""
-    original, enhanced = batch["original"], batch["enhanced"]
-    b = original.shape[0]
-    sigma, timestep, weight, noise = (torch.cat([t, t]) for t in draw)
-    latents = torch.cat([original, enhanced])
-    s = sigma.view(2 * b, *([1] * (latents.dim() - 1)))
-    noisy = (1 - s) * latents + s * noise
-    target = objective.scheduler.training_target(latents, noise, timestep)
-    guidance = torch.full((2 * b,), objective.guidance, device=latents.device, dtype=latents.dtype)
-    pred = denoiser(noisy, timestep, torch.cat([batch["prompt_emb"]] * 2), torch.cat([batch["pooled_prompt_emb"]] * 2),
-                    guidance)
-    err = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim()))) * weight
+    the SAME timestep and noise (`draw`, one per pair; [b] each, fp32): what the two images share
+    (prompt, layout, the noise draw) costs both the same, so their difference is the pair's own.
+    One DiT call on the [2b] batch."""
+    b = batch["original"].shape[0]
+    err = objective.errors(denoiser, torch.cat([batch["original"], batch["enhanced"]]),
+                           torch.cat([batch["prompt_emb"]] * 2), torch.cat([batch["pooled_prompt_emb"]] * 2),
+                           tuple(torch.cat([t, t]) for t in draw))
     return err[:b], err[b:]
 
 
@@ -140,7 +134,7 @@ class FlowDPOObjective:
         self.objective, self.beta, self.adapters_off, self.sft_weight = objective, beta, adapters_off, sft_weight
 
     def __call__(self, denoiser, batch: dict, rng) -> tuple[torch.Tensor, dict]:
-        draw = paired_draw(self.objective, rng, batch["original"])
+        draw = self.objective.draw(rng, batch["original"])
         e_orig, e_enh = paired_errors(self.objective, denoiser, batch, draw)
         with torch.no_grad(), self.adapters_off():
             r_orig, r_enh = paired_errors(self.objective, denoiser, batch, draw)
