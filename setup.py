@@ -51,7 +51,12 @@ setup(
     # tensorboard: `[train] log_with = "tensorboard"` (accelerate logs nothing without it; the recipe check says so);
     # the tests read the event files a run writes
     # docs: the manual as a website (mkdocs.yml; `mkdocs build --strict` in CI), the API page by mkdocstrings
-    extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1", "tensorboard"],
+    # quant: DiffSynth's quantisation backends (`[run] quantize`, torchao) and the 8-bit optimiser
+    # (`[train] optimizer = "adamw8bit"`, bitsandbytes); never needed by the tiny model's main job.
+    # The test extra includes it so the quantised runs are tested.
+    extras_require={"test": ["pytest>=7", "ruff", "playwright", "import-linter>=2.1", "tensorboard",
+                             "torchao>=0.16", "bitsandbytes>=0.45"],
+                    "quant": ["torchao>=0.16", "bitsandbytes>=0.45"],
                     "tensorboard": ["tensorboard"],
                     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"]},
     entry_points={"console_scripts": ["artaug=artaug_ext.cli:main"]},
