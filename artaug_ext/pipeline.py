@@ -18,6 +18,7 @@ import torch
 from .cards import base_models, card
 from .errors import NonFiniteError, UsageError
 from .hub import model_root, resolve_model_files
+from .quant import check_quantize, check_text_encoders, quantize_config, quantized_method
 from .registry import register
 from .tiny.build import ensure_tiny_model, model_file_paths
 from .tiny.spec import get_spec
@@ -63,7 +64,8 @@ def model_paths(model: str, model_dir: str | None = None) -> dict[str, str | lis
 
 
 def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: str | None = None,
-                  torch_dtype: torch.dtype | None = None):
+                  torch_dtype: torch.dtype | None = None, quantize: str | None = None,
+                  text_encoders: str = "resident"):
     """A ready DiffSynth `FluxImagePipeline` for a named model, loaded from the model root.
 
     The files are found (and, for the embedded tiny models, written once) in the model root, and
@@ -77,10 +79,16 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
             `DIFFSYNTH_MODEL_BASE_PATH`, else `~/.cache/artaug`).
         device: `cuda`, `cuda:N`, `cpu` (default: `cuda` when available).
         torch_dtype: the weights' dtype (default: bf16 on CUDA, fp32 on CPU).
+        quantize: a DiffSynth quantisation method for the DiT (`torchao_int8_w8a16`, ...;
+            `pip install -e ".[quant]"`), applied by DiffSynth as the model loads. LoRAs are
+            then hot-loaded (a quantised weight cannot take an exact merge).
+        text_encoders: `resident` (in `torch_dtype` on the device), `quantized` (with
+            `quantize`'s method) or `offloaded` (on the host, each layer moved to the device
+            for its forward by DiffSynth's VRAM management).
 
     Returns:
-        The `FluxImagePipeline`, with `artaug_model_name` and `artaug_model_paths` (role -> file)
-            set on it.
+        The `FluxImagePipeline`, with `artaug_model_name`, `artaug_model_paths` (role -> file)
+            and `artaug_quantize` (the method, or None) set on it.
 
     Raises:
         UsageError: an unknown model name, or files DiffSynth recognises no model in.
@@ -97,11 +105,30 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
     from diffsynth.core import ModelConfig
     from diffsynth.pipelines.flux_image import FluxImagePipeline
 
+    check_text_encoders(text_encoders)
+    if text_encoders == "quantized" and not quantize:
+        raise UsageError("text_encoders 'quantized' needs a quantisation method (quantize=..., --quantize)")
+    if quantize:
+        check_quantize(quantize, training=False)
     register()
     device = device or default_device()
     torch_dtype = torch_dtype or default_dtype(device)
     paths = model_paths(model, model_dir)
-    configs = [ModelConfig(path=paths[role]) for role in ("dit", "text_encoder", "text_encoder_2", "vae")]
+    if text_encoders == "offloaded" and not str(device).startswith("cuda"):
+        # the host is the device: nothing to offload to (and DiffSynth's offload calls CUDA's cache functions)
+        logger.info("text_encoders 'offloaded' on %s: the encoders already live on the host; loaded resident", device)
+        text_encoders = "resident"
+
+    def config(role: str):
+        if quantize and (role == "dit" or (role.startswith("text_encoder") and text_encoders == "quantized")):
+            return ModelConfig(path=paths[role], quantize=quantize_config(quantize))
+        if role.startswith("text_encoder") and text_encoders == "offloaded":
+            return ModelConfig(path=paths[role], offload_device="cpu", offload_dtype=torch_dtype, onload_device="cpu",
+                               onload_dtype=torch_dtype, preparing_device=device, preparing_dtype=torch_dtype,
+                               computation_device=device, computation_dtype=torch_dtype)
+        return ModelConfig(path=paths[role])
+
+    configs = [config(role) for role in ("dit", "text_encoder", "text_encoder_2", "vae")]
     with _diffsynth_prints_to_log():
         pipe = FluxImagePipeline.from_pretrained(
             torch_dtype=torch_dtype,
@@ -117,8 +144,17 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
             f"incomplete or of another model. Fix: delete them and run `artaug download {model}`, or point "
             "--model-dir at a complete copy."
         )
+    if quantize:
+        with _diffsynth_prints_to_log():
+            for name in ("dit", "text_encoder_1", "text_encoder_2"):
+                module = getattr(pipe, name)
+                if quantized_method(module):  # a LoRA reaches a quantised layer through DiffSynth's hot-loading only
+                    setattr(pipe, name, pipe.enable_lora_hot_loading(module))
+        logger.info("%s: the DiT is quantised with %s (text encoders %s); LoRAs are hot-loaded, not merged",
+                    model, quantize, text_encoders)
     pipe.artaug_model_name = model
     pipe.artaug_model_paths = paths
+    pipe.artaug_quantize = quantize
     return pipe
 
 

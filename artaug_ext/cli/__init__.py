@@ -50,6 +50,12 @@ def setup_logging(verbose: int, info: ProcessInfo | None = None) -> None:
                         format=prefix + "%(levelname)s %(name)s: %(message)s")
     ours = logging.DEBUG if verbose >= 1 else logging.INFO
     logging.getLogger("artaug_ext").setLevel(ours if main else logging.WARNING)
+    if verbose < 2:  # torchao (the quant extra) registers Enums that torch now handles itself: a deprecation per Enum
+        logging.getLogger("torch.utils._pytree").addFilter(_not_torchao_enum_notice)
+
+
+def _not_torchao_enum_notice(record: logging.LogRecord) -> bool:
+    return "is an Enum subclass and is now natively supported by torch.compile" not in record.getMessage()
 
 
 class LauncherStop(BaseException):

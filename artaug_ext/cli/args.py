@@ -70,6 +70,28 @@ def lora_spec(text: str) -> tuple[str, float]:
     return path, value
 
 
+def add_quantize_options(p) -> None:
+    """--quantize and --text-encoders: a quantised DiT through DiffSynth (load_pipeline's options)."""
+    from ..quant import TEXT_ENCODERS
+
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="quantise the DiT with a DiffSynth method, e.g. torchao_int8_w8a16 (pip install -e "
+                   "\".[quant]\"); LoRAs are then hot-loaded, not merged")
+    p.add_argument("--text-encoders", default="resident", choices=TEXT_ENCODERS,
+                   help="resident (default), quantized (with --quantize's method) or offloaded (on the host, a "
+                   "layer at a time on the device)")
+
+
+def check_quantize_options(args) -> None:
+    """The quantisation options, checked before anything loads (one line naming the option)."""
+    if args.text_encoders == "quantized" and not args.quantize:
+        raise UsageError("--text-encoders quantized needs --quantize METHOD")
+    if args.quantize:
+        from ..quant import check_quantize
+
+        check_quantize(args.quantize, training=False, what="--quantize")
+
+
 def add_launch_options(p) -> None:
     """Options of a command that runs under torchrun / accelerate launch (run, demo, interact, eval)."""
     from ..dist import DEFAULT_COLLECTIVE_TIMEOUT

@@ -9,11 +9,13 @@ from ..errors import UsageError
 from .args import (
     DEFAULT_MAX_PIXELS,
     add_launch_options,
+    add_quantize_options,
     check_device,
     check_image_size,
     check_lora_file,
     check_model_dir,
     check_output_dir,
+    check_quantize_options,
     finite_float,
     image_size,
     lora_spec,
@@ -51,6 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="eval folder (run again to resume; a folder of another eval is refused)")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--device", default=None)
+    add_quantize_options(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     add_launch_options(p)
@@ -132,6 +135,7 @@ def run(args) -> int:
     launch = args.launch
     launch.open_folder(args.out, EVAL_LOCK, "eval folder")  # before torch: a folder in use is refused at once
     check_device("--device", args.device)
+    check_quantize_options(args)
     check_model_dir(args.model, args.model_dir)
     from .interact import set_threads
 
@@ -142,7 +146,8 @@ def run(args) -> int:
         selection = filter_scorer_of(args.run_dir)
     cfg = EvalConfig(model=args.model, arms=arms, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
                      width=width, height=height, guidance=args.guidance, scorer=args.scorer,
-                     batch_size=args.batch_size, selection_scorer=selection)
+                     batch_size=args.batch_size, selection_scorer=selection, quantize=args.quantize,
+                     text_encoders=args.text_encoders)
     cfg.validate()
     set_threads(args.threads, args.device)
     launch.doing = "the evaluation"

@@ -10,11 +10,13 @@ import time
 from ..errors import UsageError
 from .args import (
     DEFAULT_MAX_PIXELS,
+    add_quantize_options,
     check_device,
     check_image_size,
     check_lora_file,
     check_model_dir,
     check_output_file,
+    check_quantize_options,
     finite_float,
     lora_spec,
     multiple_of_16,
@@ -50,6 +52,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                      help="fused Triton attention kernels in the DiT (default: on for CUDA, off on CPU)")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    add_quantize_options(gen)
     gen.add_argument("--out", default="artaug.png", help="output image file (default artaug.png)")
     gen.set_defaults(run=run)
 
@@ -78,6 +81,7 @@ def check(args) -> tuple[bool, int, int]:
     for path, _ in args.lora:
         check_lora_file("--lora", path)
     check_device("--device", args.device)
+    check_quantize_options(args)
     check_model_dir(args.model, args.model_dir)
     if not c.is_tiny:
         # Find (or download) the files before torch and DiffSynth are imported: a missing model
@@ -96,13 +100,14 @@ def run(args) -> int:
     from ..pipeline import generate, load_pipeline, save_image
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, model_dir=args.model_dir, device=args.device)
+    pipe = load_pipeline(args.model, model_dir=args.model_dir, device=args.device, quantize=args.quantize,
+                         text_encoders=args.text_encoders)
     if use_artaug:
         report = load_artaug(pipe, alpha=args.artaug_alpha, model_dir=args.model_dir)
-        logger.info("ArtAug LoRA: %d layers merged in %.2fs", len(report.merged), report.seconds)
+        logger.info("ArtAug LoRA: %s", report)
     for path, alpha in args.lora:
         report = load_lora(pipe, path, alpha=alpha)
-        logger.info("%s: %d layers merged in %.2fs", path, len(report.merged), report.seconds)
+        logger.info("%s: %s", path, report)
     on_cuda = str(pipe.device).startswith("cuda")
     if args.kernels if args.kernels is not None else on_cuda:
         apply_kernels(pipe, requested=bool(args.kernels))

@@ -10,12 +10,14 @@ from ..errors import UsageError
 from .args import (
     DEFAULT_MAX_PIXELS,
     add_launch_options,
+    add_quantize_options,
     check_device,
     check_image_size,
     check_input_file,
     check_lora_file,
     check_model_dir,
     check_output_dir,
+    check_quantize_options,
     finite_float,
     image_size,
     lora_spec,
@@ -66,6 +68,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--guidance", type=finite_float, default=3.5, help="FLUX embedded guidance (default 3.5)")
     p.add_argument("--no-pictures", action="store_true", help="skip side-by-side pictures of kept pairs")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
+    add_quantize_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is much faster on a shared, busy CPU)")
@@ -108,7 +111,7 @@ def config_from_args(args):
         steps=args.steps, height=height, width=width, seed=args.seed, region_scale=args.region_scale,
         guidance=args.guidance, filter=FilterConfig(margin=args.margin, relative=args.relative_margin,
                                                     alignment_tolerance=args.alignment_tolerance),
-        pictures=not args.no_pictures)
+        pictures=not args.no_pictures, quantize=args.quantize, text_encoders=args.text_encoders)
 
 
 def set_threads(threads: int | None, device: str | None) -> None:
@@ -132,6 +135,7 @@ def run_interact(args) -> int:
     launch = args.launch
     launch.open_folder(args.out, INTERACT_LOCK)  # before torch: a folder in use is refused at once, on every rank
     check_device("--device", args.device)
+    check_quantize_options(args)
     check_model_dir(args.model, args.model_dir)
     from ..interact.loop import run_interact as run_loop
 

@@ -80,6 +80,8 @@ class EvalConfig:
     # The filter scorer of the run whose LoRAs are evaluated: the eval's rows of that scorer are
     # marked "selection score: not independent" and the verdict is drawn without them.
     selection_scorer: str | None = None
+    quantize: str | None = None  # a DiffSynth quantisation method for the DiT (load_pipeline's quantize)
+    text_encoders: str = "resident"
 
     def identity(self) -> dict:
         """What the images and scores depend on besides the files (batch size, bootstrap count
@@ -89,6 +91,9 @@ class EvalConfig:
         d["arms"] = [a.name for a in self.arms]
         for key in ("batch_size", "n_boot", "selection_scorer"):
             d.pop(key)
+        if d["quantize"] is None and d["text_encoders"] == "resident":  # as recorded before these settings existed
+            d.pop("quantize")
+            d.pop("text_encoders")
         return d
 
     def validate(self) -> None:
@@ -340,7 +345,8 @@ def run_eval(cfg: EvalConfig, out_dir: str, *, pipe=None, scorer=None, model_dir
             if pipe is None:
                 from ..pipeline import load_pipeline
 
-                pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
+                pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device, quantize=cfg.quantize,
+                                     text_encoders=cfg.text_encoders)
             check_loras_fit(pipe, cfg.arms)
             for arm in cfg.arms:
                 generated += generate_arm(pipe, cfg, arm, out_dir, progress)

@@ -32,6 +32,12 @@ class InteractConfig:
     guidance: float = 3.5
     filter: FilterConfig = field(default_factory=FilterConfig)
     pictures: bool = True
+    quantize: str | None = None  # a DiffSynth quantisation method for the DiT (load_pipeline's quantize)
+    text_encoders: str = "resident"
+
+
+# Settings run.json holds only when they differ from their default (they came after RUN_FORMAT).
+UNRECORDED_DEFAULTS = {"quantize": None, "text_encoders": "resident"}
 
 
 def item_id(prompt_index: int, image_index: int) -> str:
@@ -49,6 +55,9 @@ def run_settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], cri
     d["loras"] = lora_sha
     d["model_sha256"] = model_sha
     d["format"] = RUN_FORMAT
+    for key, default in UNRECORDED_DEFAULTS.items():  # folders made before these settings existed still resume
+        if d[key] == default:
+            d.pop(key)
     return d
 
 

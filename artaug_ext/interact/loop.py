@@ -111,7 +111,8 @@ class InteractRun:
         if pipe is None:
             from ..lora import load_lora
 
-            pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device)
+            pipe = load_pipeline(cfg.model, model_dir=model_dir, device=device, quantize=cfg.quantize,
+                                 text_encoders=cfg.text_encoders)
             for path, alpha in cfg.loras:
                 # Ours, not `pipe.load_lora`: DiffSynth's merges 0 tensors of a LoRA in its own
                 # training format (the previous round's) without an error, and merges in bf16.

@@ -97,9 +97,11 @@ class LoRAReport:
     handle: LoRAHandle | None
     restore_bytes: int
     formats: list[str]
+    quantized: list[str] = field(default_factory=list)  # the quantisation methods of the hot-loaded layers
 
     def __str__(self) -> str:
-        return (f"LoRA: {len(self.merged)} layers merged, {len(self.hotloaded)} hot-loaded, {len(self.skipped)} "
+        why = f" (quantised base, {', '.join(self.quantized)}: hot-loaded, not merged)" if self.quantized else ""
+        return (f"LoRA: {len(self.merged)} layers merged, {len(self.hotloaded)} hot-loaded{why}, {len(self.skipped)} "
                 f"skipped, {len(self.unmapped)} unmapped keys, {self.seconds * 1000:.1f} ms, "
                 f"{self.restore_bytes / 2**20:.1f} MiB restore data on the host")
 
@@ -122,6 +124,26 @@ def _components(target) -> dict[str, torch.nn.Module]:
     if hasattr(getattr(target, "encoder", None), "block") and not hasattr(target, "blocks"):
         return {"te2": target}
     return {"dit": target}
+
+
+_PIPELINE_ATTRS = {"dit": "dit", "te1": "text_encoder_1", "te2": "text_encoder_2"}
+
+
+def _hot_loadable_if_quantized(target, comps: dict) -> dict:
+    """A component DiffSynth quantised (it carries `quantize_config`) takes LoRAs by
+    hot-loading only: if it is not yet wrapped for that (a pipeline built with DiffSynth's own
+    `ModelConfig(quantize=...)` rather than `load_pipeline`), wrap it through the pipeline's
+    `enable_lora_hot_loading`, as DiffSynth's own `pipe.load_lora` does."""
+    out = dict(comps)
+    for comp, module in comps.items():
+        if getattr(module, "quantize_config", None) is None or getattr(module, "vram_management_enabled", False):
+            continue
+        if not hasattr(target, "enable_lora_hot_loading"):
+            raise LoRAFormatError(f"the {_COMPONENT_NAMES[comp]} is quantised ({module.quantize_config.method}) and not "
+                                  "wrapped for hot-loading: pass the pipeline (load_lora(pipe, ...)), which wraps it")
+        out[comp] = target.enable_lora_hot_loading(module)
+        setattr(target, _PIPELINE_ATTRS[comp], out[comp])
+    return out
 
 
 def _hotload_only(name: str, module: torch.nn.Module) -> bool:
@@ -252,7 +274,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bo
         raise UsageError(f"LoRA strength alpha={alpha!r} must be a finite number")
     state_dict, meta, name = _resolve_source(lora)
     parsed = parse_lora(state_dict, meta)
-    comps = _components(target)
+    comps = _hot_loadable_if_quantized(target, _components(target))
     named = {c: dict(m.named_modules()) for c, m in comps.items()}
 
     merge_groups, hot_groups, skipped, unmapped = _map_pieces(parsed, comps, named)
@@ -278,7 +300,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bo
         raise
     report = LoRAReport(merged=merged, hotloaded=hotloaded, skipped=skipped, unmapped=unmapped,
                         seconds=time.perf_counter() - t0, handle=handle, restore_bytes=handle.restore_bytes,
-                        formats=sorted(parsed.formats))
+                        formats=sorted(parsed.formats), quantized=_quantized_methods(named, hot_groups))
     if skipped:
         logger.info("%d LoRA layers skipped: %s", len(skipped), _summarise(skipped, 4))
     logger.info("%s", report)
@@ -381,12 +403,24 @@ def _factor(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=t.dtype if t.dtype in _MERGEABLE else torch.float32)
 
 
+def _quantized_methods(named, groups) -> list[str]:
+    """The DiffSynth quantisation methods of the components the hot-load groups are in."""
+    return sorted({named[comp][""].quantize_config.method for comp, _ in groups
+                   if getattr(named[comp][""], "quantize_config", None) is not None})
+
+
 def _hotload(named, groups, alpha, handle) -> list[str]:
     """DiffSynth's hot-loading: one (A, B) pair per layer in the layer's LoRA lists."""
     if not groups:
         return []
-    logger.warning("%d layers are under DiffSynth VRAM management or stored in FP8: the LoRA is hot-loaded "
-                   "there (applied at every forward) instead of merged", len(groups))
+    quantized = _quantized_methods(named, groups)
+    if quantized:  # asked for (the base was quantised on purpose): said, not warned
+        logger.info("%d layers are quantised (%s): a quantised weight cannot take an exact merge, so the LoRA is "
+                       "hot-loaded there (applied at every forward, exact in the factors)", len(groups),
+                       ", ".join(quantized))
+    else:
+        logger.warning("%d layers are under DiffSynth VRAM management or stored in FP8: the LoRA is hot-loaded "
+                       "there (applied at every forward) instead of merged", len(groups))
     done = []
     for (comp, mod), pieces in groups.items():
         module = named[comp][mod]

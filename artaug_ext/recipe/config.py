@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..errors import FileFormatError, UsageError
+from ..quant import TEXT_ENCODERS
 from ..train.settings import LoRATrainSettings, SettingError
 
 if sys.version_info >= (3, 11):
@@ -43,6 +44,10 @@ class RunSection:
     stop_mean_gain: float | None = None
     final_rank: int | None = None  # rank of the combined LoRA (None: the exact sum, no truncation)
     name: str = ""
+    # A DiffSynth quantisation method for the frozen DiT (torchao_int8_w8a16, ...): generation,
+    # enhancement and both stages run on the quantised base, every LoRA on it hot-loaded.
+    quantize: str | None = None
+    text_encoders: str = "resident"  # resident | quantized (with `quantize`) | offloaded (on the host)
 
 
 @dataclass
@@ -284,6 +289,13 @@ def _check_values(r: Recipe, where) -> None:
         raise UsageError(f"{where('run', 'rounds')}: run.rounds must be positive")
     if r.run.final_rank is not None and r.run.final_rank <= 0:
         raise UsageError(f"{where('run', 'final_rank')}: run.final_rank must be positive (or left out for the exact sum)")
+    if r.run.text_encoders not in TEXT_ENCODERS or (r.run.text_encoders == "quantized" and not r.run.quantize):
+        raise UsageError(f"{where('run', 'text_encoders')}: run.text_encoders {r.run.text_encoders!r}: use one of "
+                         f"{', '.join(TEXT_ENCODERS)} ('quantized' with run.quantize set)")
+    if r.run.quantize is not None:
+        from ..quant import check_quantize
+
+        check_quantize(r.run.quantize, training=True, what=f"{where('run', 'quantize')}: run.quantize")
     if r.critic.backend not in CRITICS:
         raise UsageError(f"{where('critic', 'backend')}: critic.backend {r.critic.backend!r}: use {', '.join(CRITICS)}")
     if r.filter.keep not in KEEP_RULES:

@@ -32,6 +32,13 @@ KEY_MEANINGS = {
         "final_rank": "Rank of the combined LoRA in `final/` (QR + SVD truncation, retained energy reported); "
                       "left out, the exact sum of the round LoRAs.",
         "name": "A name for the run, recorded in the model card and shown in the report.",
+        "quantize": "A DiffSynth quantisation method for the frozen DiT (`torchao_int8_w8a16`, "
+                    "`torchao_fp8_w8a16`, `bitsandbytes_nf4`, ...; the `quant` extra): generation, enhancement and "
+                    "both stages run on the quantised base, and every LoRA on it is hot-loaded instead of merged. "
+                    "Checked at `--dry-run`: known to DiffSynth, its backend installed, differentiable.",
+        "text_encoders": "How the CLIP and T5 encoders are held: `resident` (in the pipeline's dtype on the "
+                         "device), `quantized` (with `run.quantize`'s method) or `offloaded` (on the host, each "
+                         "layer moved to the device for its forward by DiffSynth's VRAM management).",
     },
     "data": {
         "prompts": "The training prompts: a prompt set name (`default/train`, `tiny-heldout-lit/dev`, ...), "

@@ -169,7 +169,8 @@ class RecipeRun:
                 options["device_map"] = self.device or "cpu"
         self.critic = make_critic(critic.backend, **options)
         self.scorer = make_scorer(recipe.filter.scorer, model_dir=self.model_dir, device=self.device)
-        self.pipe = load_pipeline(recipe.run.model, model_dir=self.model_dir, device=self.device)
+        self.pipe = load_pipeline(recipe.run.model, model_dir=self.model_dir, device=self.device,
+                                  quantize=recipe.run.quantize, text_encoders=recipe.run.text_encoders)
         from ..train.lora import lora_target_layers
 
         try:
@@ -199,7 +200,8 @@ class RecipeRun:
             scorer=keep.scorer, images_per_prompt=recipe.data.images_per_prompt, steps=recipe.data.steps,
             height=height, width=width, seed=self._round_seed(round_number), region_scale=recipe.enhance.region_scale,
             guidance=recipe.data.guidance, filter=FilterConfig(margin=keep.margin, relative=keep.relative,
-                                                               alignment_tolerance=keep.alignment_tolerance))
+                                                               alignment_tolerance=keep.alignment_tolerance),
+            quantize=recipe.run.quantize, text_encoders=recipe.run.text_encoders)
         InteractRun(cfg, folder, pipe=self.pipe, critic=self.critic, scorer=self.scorer, progress=self.progress,
                     collective=self.collective).run()
         self._barrier()

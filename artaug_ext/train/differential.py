@@ -37,6 +37,7 @@ import torch
 
 from ..errors import UsageError
 from ..files import atomic_write_json, check_safetensors, first_difference, read_json, sha256_file
+from ..quant import quantized_method
 from .cache import LatentCache
 from .flow import FlowDPOObjective, FlowMatchObjective, FluxDenoiser, paired_errors
 from .loop import SampleRandom, TrainConfig, train
@@ -83,16 +84,20 @@ def _stage_done(folder: str) -> bool:
 
 def stage_config(cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str, seed: int, steps: int,
                  base_loras=(), lora_1: str | None = None, latents_sha256: dict | None = None,
-                 progress: bool = True, processes: int = 1) -> TrainConfig:
+                 progress: bool = True, processes: int = 1, base_quantize: str | None = None) -> TrainConfig:
     """The loop's config of one stage. Its identity (the stage record and every checkpoint)
     holds everything the stage's LoRA depends on: every training setting, the step count, the
     images (side, pair ids in order, each pair's cached tensors' sha256), the base it trains
     on top of (the sha256s of the LoRAs merged into the DiT; `lora_1`: stage 2's LoRA_1) and
-    the number of processes (the global batch and each sample's position depend on it)."""
+    the number of processes (the global batch and each sample's position depend on it), and the
+    quantisation of the base when it is quantised (`base_quantize`, absent otherwise: the
+    identities of stages on an unquantised base are what they were)."""
     latents = latents_sha256 if latents_sha256 is not None else cache.pair_sha256s()
     depends_on = {"image_side": image_side, "pairs": list(cache.ids),
                   "pairs_sha256": {pair_id: latents[pair_id] for pair_id in cache.ids},
                   "base_loras": list(base_loras), LORA_1: lora_1, "processes": processes}
+    if base_quantize:
+        depends_on["base_quantize"] = base_quantize
     return TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
                        progress=progress, depends_on=depends_on)
 
@@ -137,7 +142,7 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
     from safetensors.torch import load_file
 
     cfg = stage_config(cache, image_side, settings, folder, seed, steps, base_loras, lora_1, latents_sha256, progress,
-                       processes=_processes(accelerator))
+                       processes=_processes(accelerator), base_quantize=quantized_method(dit))
     record = _stage_record(cfg)
     _check_stage_folder(folder, record)
     if not os.path.exists(os.path.join(folder, STAGE_RECORD)):
@@ -257,14 +262,14 @@ def _processes(accelerator) -> int:
 
 
 def _check_round_folders(stages: list[_Stage], settings: LoRATrainSettings, base_loras, latents: dict,
-                         processes: int = 1) -> None:
+                         processes: int = 1, base_quantize: str | None = None) -> None:
     """Every stage folder of the round against what it would be trained with, before any
     training: a stale folder is refused here, naming the setting and the folder. Stage 2's
     LoRA_1 is known only once stage 1 is done; a stage 2 that holds anything while its stage 1
     has no LoRA was trained on a LoRA_1 that is gone."""
     for st in stages:
         cfg = stage_config(st.cache, st.image_side, settings, st.folder, st.seed, st.steps, base_loras, None, latents,
-                           progress=False, processes=processes)
+                           progress=False, processes=processes, base_quantize=base_quantize)
         _check_stage_folder(st.folder, _stage_record(cfg), ignore=(LORA_1,) if st.lora_1_of else ())
         if st.lora_1_of and os.path.isdir(st.folder) and os.listdir(st.folder) and not _stage_done(st.lora_1_of):
             raise UsageError(f"{st.folder} was trained on a LoRA_1 that {st.lora_1_of} no longer holds; delete "
@@ -286,7 +291,9 @@ def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, acce
     lora1 = train_stage(dit, first.cache, first.image_side, settings, first.folder, first.seed, first.steps,
                         accelerator, progress, base_loras=base_loras, latents_sha256=latents)
     lora1_sha = sha256_file(os.path.join(first.folder, LORA_FILE))
-    report = load_lora(dit, lora1)  # our exact merge: fp32 accumulation, one rounding, a host backup
+    # our exact merge (fp32 accumulation, one rounding, a host backup); on a quantised base,
+    # LoRA_1 is hot-loaded instead: frozen and active under LoRA_2, applied at every forward
+    report = load_lora(dit, lora1)
     try:
         lora2 = train_stage(dit, second.cache, second.image_side, settings, second.folder, second.seed, second.steps,
                             accelerator, progress, base_loras=base_loras, lora_1=lora1_sha, latents_sha256=latents)
@@ -311,7 +318,7 @@ def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATra
     latents = cache.pair_sha256s()
     groups = _round_stages(cache, settings, folder)
     _check_round_folders([st for group in groups for st in group], settings, base_loras, latents,
-                         _processes(accelerator))
+                         _processes(accelerator), quantized_method(dit))
     out = os.path.join(folder, LORA_FILE)
     info: dict = {"mode": settings.mode, "pairs": len(cache), "settings": asdict(settings), "base_loras": base_loras}
     main = accelerator is None or accelerator.is_main_process

@@ -304,14 +304,27 @@ def broadcast_trainable_only(model: torch.nn.Module) -> list[str]:
     return frozen
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or a quantised weight's inner
+    tensors (torchao's tensor subclasses: the int8 data and its scales), recursively."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [inner for name in names for inner in _plain_tensors(getattr(t, name))]
+    return [t]
+
+
 def bit_sums(tensors) -> torch.Tensor:
     """Per tensor, the exact int64 sum of its bits read as int32 words (bytes where the size is
-    not a multiple of 4): the same tensors give the same sums on any device, in any order."""
+    not a multiple of 4), over its inner tensors for a quantised one: the same tensors give the
+    same sums on any device, in any order."""
     sums = []
     for t in tensors:
-        raw = t.detach().reshape(-1).view(torch.uint8)
-        words = raw.view(torch.int32) if raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0 else raw
-        sums.append(words.sum(dtype=torch.int64))
+        total = torch.zeros((), dtype=torch.int64, device=t.device)
+        for plain in _plain_tensors(t.detach()):
+            raw = plain.reshape(-1).view(torch.uint8)
+            words = raw.view(torch.int32) if raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0 else raw
+            total = total + words.sum(dtype=torch.int64)
+        sums.append(total)
     return torch.stack(sums)
 
 

@@ -4,6 +4,7 @@ removable, in fp32, and exported so that `load_lora` merges exactly what was tra
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -57,7 +58,10 @@ def inject_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
 
     targets = lora_target_layers(model, rank, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # On a torchao-quantised base PEFT makes TorchaoLoraLinear layers and warns that they
+        # cannot merge(); we never merge PEFT layers (the trained factors are exported).
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         if init_seed is not None:
             torch.manual_seed(init_seed)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
