@@ -28,6 +28,9 @@ class FluxShapes:
     clip_params: int = 123_060_480
     t5_params: int = 4_762_310_656
     vae_params: int = 34_274_208 + 49_545_475
+    # The text encoders' token embeddings (not linear layers: a quantisation leaves them as they are).
+    clip_embedding_params: int = 49_408 * 768 + 77 * 768
+    t5_embedding_params: int = 32_128 * 4096
     latent_channels: int = 16  # VAE latents, 8x down
     vae_width: int = 128  # channels of the VAE decoder's full-resolution blocks
 
@@ -80,6 +83,11 @@ class FluxShapes:
     def all_params(self) -> int:
         """DiT, both text encoders and the VAE: what a loaded pipeline holds."""
         return self.dit_params() + self.clip_params + self.t5_params + self.vae_params
+
+    def all_linear_weights(self) -> dict[str, tuple[int, int]]:
+        """Every 2-D weight of the DiT (what a quantisation of its linears stores), by module name."""
+        return {name[:-len(".weight")]: shape for name, shape in self.dit().items()
+                if len(shape) == 2 and name.endswith(".weight")}
 
     def linear_weights(self, targets) -> dict[str, tuple[int, int]]:
         """The 2-D weights of the linears a LoRA on `targets` (module-name suffixes, as in

@@ -128,3 +128,50 @@ def test_a_merge_without_undo_keeps_no_copy_and_the_files_give_the_base_back(pip
         load_lora(pipe, huge, undo=False)
     assert all(torch.equal(v, base[k]) for k, v in dit.state_dict().items())
     assert not math.isnan(float(dit.blocks[0].attn.a_to_qkv.weight.sum()))
+
+
+@pytest.mark.parametrize("method", ["torchao_int8_w8a16", "torchao_fp8_w8a16", "bitsandbytes_nf4"])
+def test_the_quantised_storage_is_what_diffsynths_backends_store_for_flux_width_linears(method):
+    """The plan's bytes of a quantised linear against the tensors DiffSynth's backend makes of
+    FLUX.1-dev-width linears on the CPU (its data, scales and zero points)."""
+    pytest.importorskip("torchao")
+    from artaug_ext.quant import quantize_config
+    from artaug_ext.recipe.memory import quantized_bytes
+
+    shapes = {"a_to_out": (3072, 3072), "ff_a.0": (12288, 3072)}
+    model = torch.nn.ModuleDict({n.replace(".", "_"): torch.nn.Linear(i, o, bias=False, dtype=torch.bfloat16)
+                                 for n, (o, i) in shapes.items()})
+    quantize_config(method).quantize_model(model)
+    stored = 0
+    for layer in model.values():
+        w = layer.weight
+        if hasattr(w, "__tensor_flatten__"):  # torchao: the data and its per-row scale (and zero point)
+            inner = [getattr(w, n) for n in w.__tensor_flatten__()[0]]
+        else:  # bitsandbytes: the packed data and its quantisation state's tensors
+            inner = [w] + [t for t in vars(w.quant_state).values() if torch.is_tensor(t)]
+            nested = getattr(w.quant_state, "state2", None)
+            inner += [t for t in vars(nested).values() if torch.is_tensor(t)] if nested is not None else []
+        stored += sum(t.numel() * t.element_size() for t in inner)
+    assert quantized_bytes(shapes, method) == pytest.approx(stored, rel=0.01)
+
+
+def test_a_quantised_base_plans_hot_loaded_loras_the_optimiser_and_the_cards_it_fits():
+    from artaug_ext.recipe.memory import GB, OPTIMIZER_STATE_BYTES, fits, lora_parameters
+
+    common = dict(targets=FLUX_LORA_TARGETS, rank=32, dtype_bytes=2, device="cuda", train_px=1024, generate_px=1024,
+                  text_tokens=512, batch_size=1, gradient_checkpointing=True, pairs=100)
+    bf16 = memory_plan(FLUX_DEV, **common)
+    int8 = memory_plan(FLUX_DEV, **common, quantize="torchao_int8_w8a16", text_encoders="quantized",
+                       hot_loaded_round_loras=1)
+    small = memory_plan(FLUX_DEV, **common, quantize="torchao_int8_w8a16", text_encoders="quantized",
+                        hot_loaded_round_loras=1, optimizer="adamw8bit", ema=True)
+    n_lora = lora_parameters(FLUX_DEV.linear_weights(FLUX_LORA_TARGETS), 32)
+    assert int8.parts["LoRA_1 merge backup"] == 0 and bf16.parts["LoRA_1 merge backup"] > 20 * GB
+    assert int8.parts["hot-loaded LoRAs (device)"] == 2 * n_lora * 4  # LoRA_1 and one round LoRA, fp32 factors
+    # the DiT's 11.9 B linear weights at a byte each (+ a 5-byte row record) instead of two
+    assert bf16.parts["weights"] - int8.parts["weights"] > 14 * GB
+    assert int8.host_load == FLUX_DEV.dit_params() * 2 and bf16.host_load == 0
+    state = small.parts["LoRA_2 training state"] - int8.parts["LoRA_2 training state"]
+    assert state == pytest.approx(n_lora * (OPTIMIZER_STATE_BYTES["adamw8bit"] - 8 + 4))  # 8-bit moments, + an EMA
+    assert "fits 24 GB, 48 GB, 80 GB" in fits(23 * GB) and "fits 48 GB, 80 GB" in fits(26 * GB)
+    assert "fits none" in fits(90 * GB)

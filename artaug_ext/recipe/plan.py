@@ -86,26 +86,49 @@ def _training_line(t) -> str:
 
 
 def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
-    """Per-process host and GPU memory of the recipe's last round, from the card's shape table."""
-    from .memory import GB, GPU_DTYPE_BYTES, memory_plan
+    """Per-process host and GPU memory of the recipe's last round, from the card's shape table,
+    and which card sizes it fits."""
+    from .memory import GB, GPU_DTYPE_BYTES, UnknownStorage, fits, memory_plan
 
     if c.shapes is None:
         return ["memory: no per-layer shape table for this model (cards.py, `shapes`)"]
-    t = recipe.train
+    t, r = recipe.train, recipe.run
     side = size if isinstance(size, int) else max(size)
-    m = memory_plan(c.shapes, targets=t.target_modules, rank=t.rank, dtype_bytes=GPU_DTYPE_BYTES, device="cuda",
-                    train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
-                    batch_size=t.batch_size * (2 if t.mode == "dpo" else 1), gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus)
+    try:
+        m = memory_plan(c.shapes, targets=t.target_modules, rank=t.rank, dtype_bytes=GPU_DTYPE_BYTES, device="cuda",
+                        train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
+                        batch_size=t.batch_size * (2 if t.mode == "dpo" else 1),
+                        gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus,
+                        quantize=r.quantize, text_encoders=r.text_encoders, optimizer=getattr(t, "optimizer", "adamw"),
+                        ema=getattr(t, "ema_decay", None) is not None, hot_loaded_round_loras=r.rounds - 1)
+    except UnknownStorage:
+        return [f"memory: no storage figure for the quantisation method {r.quantize!r} (recipe/memory.py, "
+                "QUANT_STORAGE)"]
     p = m.parts
-    return [f"memory (counted from {c.name}'s per-layer shapes in bf16 on CUDA; beyond the runtime):",
-            f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
-            f"training (LoRA_1's merge backup: {p['LoRA_1 merge backup'] / GB:.1f} GB pinned for the "
-            f"{p['touched weights'] / GB:.1f} GB of weights it touches, as torch's pinned allocator rounds each "
-            f"tensor up to a power of two; the latent cache {p['latent cache (host)'] / GB:.2f} GB); "
-            f"x {gpus} process(es) a node",
-            f"  GPU memory per process: {m.gpu_generation / GB:.1f} GB generation, {m.gpu_training / GB:.1f} GB "
-            f"training (weights {p['weights'] / GB:.1f} GB, LoRA training state "
-            f"{p['LoRA_2 training state'] / GB:.2f} GB, activations {p['training activations'] / GB:.1f} GB)"]
+    base = (f"DiT quantised {r.quantize}, text encoders {r.text_encoders}" if r.quantize
+            else f"bf16, text encoders {r.text_encoders}")
+    if r.quantize:
+        lora_1 = (f"LoRA_1 and {r.rounds - 1} round LoRA(s) hot-loaded on the GPU: "
+                  f"{p['hot-loaded LoRAs (device)'] / GB:.2f} GB, no merge backup")
+    else:
+        lora_1 = (f"LoRA_1's merge backup: {p['LoRA_1 merge backup'] / GB:.1f} GB pinned for the "
+                  f"{p['touched weights'] / GB:.1f} GB of weights it touches, as torch's pinned allocator rounds "
+                  "each tensor up to a power of two")
+    lines = [f"memory (counted from {c.name}'s per-layer shapes on CUDA, {base}; beyond the runtime):",
+             f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
+             f"training ({lora_1}; the latent cache {p['latent cache (host)'] / GB:.2f} GB"
+             + (f"; the offloaded text encoders {p['offloaded text encoders (host)'] / GB:.1f} GB" if
+                p["offloaded text encoders (host)"] else "") + f"); x {gpus} process(es) a node"]
+    if m.host_load:
+        lines.append(f"  host memory while loading: {m.host_load / GB:.1f} GB (DiffSynth reads the DiT in bf16 on the "
+                     "host and quantises it a layer at a time onto the GPU)")
+    lines.append(f"  GPU memory per process: {m.gpu_generation / GB:.1f} GB generation, {m.gpu_training / GB:.1f} GB "
+                 f"training (weights {p['weights'] / GB:.1f} GB, LoRA training state "
+                 f"{p['LoRA_2 training state'] / GB:.2f} GB ({getattr(t, 'optimizer', 'adamw')}"
+                 f"{', EMA' if getattr(t, 'ema_decay', None) is not None else ''}), activations "
+                 f"{p['training activations'] / GB:.1f} GB)")
+    lines.append(f"  cards: {fits(max(m.gpu_generation, m.gpu_training))}")
+    return lines
 
 
 def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str:
