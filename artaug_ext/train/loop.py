@@ -522,7 +522,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
             if hp.max_grad_norm:
                 accelerator.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
-            if ema is not None:
+            if ema is not None and not accelerator.optimizer_step_was_skipped:  # fp16: an overflow skips a step
                 ema.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
