@@ -487,9 +487,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     it), with `rng` a `SampleRandom` for the batch's samples; get_batch(indices) -> batch dict (on any device; moved here). `on_step(step, loss)`
     runs after each optimizer step on the main process; a step count it sets in `cfg.steps`
     reaches every rank. `extra_state`: objects with state_dict/load_state_dict checkpointed
-    with the run (settings.ema_decay adds the weights' EMA, returned in the result). Resumes from the newest checkpoint in `cfg.output_dir` if its
-    settings match. Can run again on the same accelerator (stage after stage): each call starts
-    from a clean accelerator and leaves one.
+    with the run (settings.ema_decay adds the weights' EMA, returned in the result). Resumes
+    from the newest checkpoint in `cfg.output_dir` if its settings match. Can run again on the
+    same accelerator (stage after stage): each call starts from a clean accelerator and leaves
+    one.
     """
     from tqdm import tqdm
 
