@@ -102,7 +102,7 @@ KEY_MEANINGS = {
         "guidance": "Embedded guidance the LoRAs train at; left out, the base model's authors' setting where "
                     "one is known (FLUX.1-dev: 1), else 3.5.",
         "per_pair_rank": "`per-pair` mode: rank of the averaged LoRA; left out, `rank`.",
-        "lr": "Learning rate (AdamW).",
+        "lr": "Learning rate (of `optimizer`).",
         "batch_size": "Samples per process and micro-batch.",
         "grad_accum": "Micro-batches accumulated per optimizer step.",
         "schedule": "Learning-rate schedule after warm-up: `constant`, `cosine` or `linear`.",
@@ -112,6 +112,11 @@ KEY_MEANINGS = {
         "seed": "Training seed: noise, timesteps, sample order and the LoRA's initialisation.",
         "checkpoint_every": "Write a resumable checkpoint every this many steps (0: none).",
         "log_with": "An accelerate tracker, `tensorboard` or `wandb`, for the training losses.",
+        "optimizer": "`adamw` (torch's AdamW) or `adamw8bit` (bitsandbytes' AdamW with 8-bit moments, a quarter "
+                     "of the optimiser state's memory; needs the `quant` extra), with the same lr, betas and "
+                     "weight decay.",
+        "ema_decay": "An exponential moving average of the LoRA weights, updated after every step with this "
+                     "decay in (0, 1), is the stage's LoRA (and its paired gap); left out, the last step's weights.",
     },
     "eval": {
         "prompts": "Held-out prompts: a prompt set name or a file.",

@@ -20,6 +20,9 @@ enhanced images minus the originals' under the same fixed noise and timesteps, b
 (adapters off) and after it. A stage that learned the difference lowers it; one that learned
 what both images share lowers both errors and leaves the gap.
 
+With `ema_decay` set, a stage's LoRA (and its paired gap after training) is the exponential
+moving average of its weights over the steps, not the last step's weights.
+
 Every stage writes into its own folder (stage.json first: everything the stage's LoRA
 depends on; then checkpoints, loss.jsonl, and lora.safetensors last), so a run killed anywhere
 resumes at the stage and step where it stopped, and a folder trained with anything else
@@ -28,6 +31,7 @@ resumes at the stage and step where it stopped, and a folder trained with anythi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -173,8 +177,10 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
         result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator)
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
-        state = lora_state_dict(dit)
-        gap = paired_gap(denoiser, cache, objective, settings.batch_size, dtype)
+        with result.ema.applied() if result.ema is not None else contextlib.nullcontext():
+            # ema_decay: the stage's LoRA is the average, exported and measured as such
+            state = lora_state_dict(dit)
+            gap = paired_gap(denoiser, cache, objective, settings.batch_size, dtype)
         if accelerator is None or accelerator.is_main_process:
             atomic_write_json(os.path.join(folder, GAP_FILE), gap)
             save_lora(state, os.path.join(folder, LORA_FILE), {"stage": os.path.basename(folder), "image_side": image_side,

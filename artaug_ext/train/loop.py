@@ -7,11 +7,12 @@ permutation per epoch, and each sample draws its timestep and noise from its own
 (`SampleRandom`). So one process and two processes with the same global batch train the same
 weights, and a run killed and resumed ends with the same weights as one that never stopped,
 by construction: a checkpoint holds only the trainable parameters, the optimizer, the LR
-schedule (and the fp16 loss scale), never the frozen base model.
+schedule (the fp16 loss scale, the weights' EMA), never the frozen base model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -67,12 +68,65 @@ class TrainConfig:
         return {**own, **self.depends_on}
 
 
+class ParameterEMA:
+    """An exponential moving average of the trainable parameters, in fp32, updated after every
+    optimizer step: ema = decay * ema + (1 - decay) * param. No warm-up and no bias correction:
+    it starts from the parameters' values before the first step (a fresh LoRA: lora_B zero),
+    so after n steps the start still weighs decay**n (with decay 0.99, 37% after 100 steps:
+    choose the decay for the stage's step count). Every rank keeps one (DDP: the same
+    parameters, so the same average; each rank merges the LoRA it returns); the main process
+    checkpoints it, every rank restores it."""
+
+    EXTRA_STATE = "ema"  # its name among the loop's checkpointed extra state
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        if not 0 < decay < 1:
+            raise UsageError(f"EMA decay {decay!r} must be between 0 and 1 (exclusive)")
+        self.decay = decay
+        self.params = dict(params)
+        self.average = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # lerp(ema, p, 1 - decay) = ema + (1 - decay) (p - ema), one fused pass over every tensor
+        # (as torch.optim.swa_utils' EMA does); p.float() is p itself for fp32 parameters
+        torch._foreach_lerp_(list(self.average.values()), [p.detach().float() for p in self.params.values()],
+                             1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "average": {n: t.detach().cpu() for n, t in self.average.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("decay") != self.decay or set(state.get("average", {})) != set(self.average):
+            raise UsageError(f"an EMA checkpoint of decay {state.get('decay')!r} over {len(state.get('average', {}))} "
+                             f"tensors does not match this one (decay {self.decay}, {len(self.average)} tensors); "
+                             "delete the training's folder to start it again")
+        for n, t in self.average.items():
+            t.copy_(state["average"][n])
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The parameters hold the average inside the block (to export or measure it); their
+        own values again after."""
+        with torch.no_grad():
+            trained = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.average[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(trained[n])
+
+
 @dataclass
 class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)
     finished: bool = False
     seconds: float = 0.0
+    ema: ParameterEMA | None = None  # the weights' average (settings.ema_decay), on every rank
 
 
 def sample_seed(seed: int, key: int) -> int:
@@ -290,6 +344,29 @@ def _adamw(params, cfg: TrainConfig):
         return torch.optim.AdamW(params, lr=cfg.settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def _adamw8bit(params, cfg: TrainConfig):
+    """bitsandbytes' AdamW with 8-bit moments (blockwise-quantised, dequantised for each update),
+    the same lr, betas and weight decay. min_8bit_size=0: every tensor's moments are 8-bit.
+    bitsandbytes' default (4096 elements) keeps smaller tensors in 32 bits, which would be
+    every LoRA tensor of the tiny model (nothing 8-bit would be tested on CPU) and the
+    lora_A/lora_B of FLUX's narrower layers at low ranks."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=cfg.settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                               min_8bit_size=0)
+
+
+OPTIMIZER_BUILDERS = {"adamw": _adamw, "adamw8bit": _adamw8bit}
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    """The optimizer `cfg.settings.optimizer` names, over `params`."""
+    name = cfg.settings.optimizer
+    if name not in OPTIMIZER_BUILDERS:
+        raise UsageError(f"train.optimizer {name!r}: use one of {', '.join(OPTIMIZER_BUILDERS)}")
+    return OPTIMIZER_BUILDERS[name](params, cfg)
+
+
 def broadcast_trainable_only(model: torch.nn.Module) -> list[str]:
     """Have DDP leave the frozen parameters out of its synchronisation; returns their names.
 
@@ -348,12 +425,21 @@ def check_frozen_agree(model: torch.nn.Module, accelerator) -> None:
 
 
 def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
-    """Optimizer and schedule over the trainable parameters, prepared by accelerate, and the
-    step to start from (the newest checkpoint's, when its settings match)."""
-    params = list(trainable_parameters(model).values())
+    """Optimizer and schedule over the trainable parameters, prepared by accelerate, the
+    weights' EMA (settings.ema_decay; checkpointed with `extra_state`), and the step to start
+    from (the newest checkpoint's, when its settings match)."""
+    named = trainable_parameters(model)
+    params = list(named.values())
     if not params:
         raise UsageError("train: the model has no trainable parameters")
-    optimizer = _adamw(params, cfg)
+    ema = None
+    if cfg.settings.ema_decay is not None:
+        if ParameterEMA.EXTRA_STATE in extra_state:
+            raise UsageError(f"train: extra_state {ParameterEMA.EXTRA_STATE!r} is the EMA of settings.ema_decay; "
+                             "name it otherwise")
+        ema = ParameterEMA(named, cfg.settings.ema_decay)
+        extra_state[ParameterEMA.EXTRA_STATE] = ema
+    optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if accelerator.num_processes > 1:
         check_frozen_agree(model, accelerator)
@@ -364,7 +450,7 @@ def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
     if ckpt:
         step = _load_checkpoint(ckpt, cfg, model, optimizer, scheduler, accelerator, extra_state)
         logger.info("resumed from %s at step %d", ckpt, step)
-    return model, params, optimizer, scheduler, step
+    return model, params, optimizer, scheduler, ema, step
 
 
 def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermutation, cfg: TrainConfig, accelerator,
@@ -413,10 +499,11 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     loss_fn(model, batch, rng) -> scalar loss (or (loss, {name: float}): metrics logged beside
     it), with `rng` a `SampleRandom` for the batch's samples; get_batch(indices) -> batch dict (on any device; moved here). `on_step(step, loss)`
     runs after each optimizer step on the main process; a step count it sets in `cfg.steps`
-    reaches every rank. `extra_state`: objects with state_dict/load_state_dict (an EMA)
-    checkpointed with the run. Resumes from the newest checkpoint in `cfg.output_dir` if its
-    settings match. Can run again on the same accelerator (stage after stage): each call starts
-    from a clean accelerator and leaves one.
+    reaches every rank. `extra_state`: objects with state_dict/load_state_dict checkpointed
+    with the run (settings.ema_decay adds the weights' EMA, returned in the result). Resumes
+    from the newest checkpoint in `cfg.output_dir` if its settings match. Can run again on the
+    same accelerator (stage after stage): each call starts from a clean accelerator and leaves
+    one.
     """
     from tqdm import tqdm
 
@@ -426,8 +513,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
     accelerator.free_memory()  # a previous stage's model and optimizer must not be unscaled or saved again
-    extra_state = extra_state or {}
-    model, params, optimizer, scheduler, step = _prepare(model, cfg, accelerator, extra_state)
+    extra_state = dict(extra_state or {})
+    model, params, optimizer, scheduler, ema, step = _prepare(model, cfg, accelerator, extra_state)
     main = accelerator.is_main_process
     log_path = os.path.join(cfg.output_dir, LOSS_LOG)
     if main:
@@ -436,7 +523,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
         accelerator.init_trackers(_tracker_run_name(accelerator, cfg.output_dir),
                                   config={k: v for k, v in cfg.identity().items() if isinstance(v, (int, float, str))})
     order = EpochPermutation(dataset_size, hp.seed)
-    result = TrainResult(step=step)
+    result = TrainResult(step=step, ema=ema)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(cfg.output_dir)}", dynamic_ncols=True,
                disable=not (cfg.progress and main))
@@ -449,6 +536,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
             if hp.max_grad_norm:
                 accelerator.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
+            if ema is not None and not accelerator.optimizer_step_was_skipped:  # fp16: an overflow skips a step
+                ema.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -23,6 +23,8 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # accelerate's trackers: the package each needs, and how to install it
 TRACKERS = {"tensorboard": ("tensorboard", "pip install 'artaug-ext[tensorboard]'"),
             "wandb": ("wandb", "pip install wandb")}
+# The optimisers: the package each needs beyond torch (None: torch's own).
+OPTIMIZERS = {"adamw": None, "adamw8bit": "bitsandbytes"}
 
 
 class SettingError(UsageError):
@@ -51,13 +53,19 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 50
     log_with: str | None = None  # tensorboard | wandb (accelerate trackers)
+    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw8bit (bitsandbytes: 8-bit moments)
+    ema_decay: float | None = None  # the trained weights' exponential moving average (None: none)
 
     # Fields that do not change what is trained: a resume may change them.
     RUNTIME = ("checkpoint_every", "log_with")
+    # Fields in the identity only when they differ from their default (here: their value before
+    # they existed), so checkpoints and stages made before them keep their identity.
+    IDENTITY_WHEN_SET = {"optimizer": "adamw", "ema_decay": None}
 
     def identity(self) -> dict:
         """What a checkpoint made with these settings must agree on to be resumed."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        return {k: v for k, v in asdict(self).items()
+                if k not in self.RUNTIME and not (k in self.IDENTITY_WHEN_SET and v == self.IDENTITY_WHEN_SET[k])}
 
     def _refuse(self, key: str, why: str):
         raise SettingError(key, f"train.{key} {getattr(self, key)!r}: {why}")
@@ -86,6 +94,15 @@ class TrainSettings:
             if importlib.util.find_spec(package) is None:
                 self._refuse("log_with", f"the {package} package is not installed, so nothing would be logged; "
                                          f"{install}, or leave log_with out")
+        if self.optimizer not in OPTIMIZERS:
+            self._refuse("optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+        package = OPTIMIZERS[self.optimizer]
+        if package is not None and importlib.util.find_spec(package) is None:
+            self._refuse("optimizer", f"needs the {package} package, which is not installed; install the quant extra "
+                                      "(pip install -e \".[quant]\" in a checkout, pip install 'artaug-ext[quant]' "
+                                      "otherwise), or use adamw")
+        if self.ema_decay is not None and not (_number(self.ema_decay) and 0 < self.ema_decay < 1):
+            self._refuse("ema_decay", "must be between 0 and 1 (exclusive; e.g. 0.99), or left out for no EMA")
 
 
 @dataclass
