@@ -105,6 +105,13 @@ KEY_MEANINGS = {
         "seed": "Training seed: noise, timesteps, sample order and the LoRA's initialisation.",
         "checkpoint_every": "Write a resumable checkpoint every this many steps (0: none).",
         "log_with": "An accelerate tracker, `tensorboard` or `wandb`, for the training losses.",
+        "sample_every": "Every this many steps of each stage, and at its last step, the LoRA in training draws "
+                        "the sample prompts into the stage's `samples/` folder, shown in `report.html` (0: none; "
+                        "the trained weights are the same either way).",
+        "sample_prompts": "The prompts of the sample images, the same for every stage and round; left out, the "
+                          "first 2 training prompts.",
+        "sample_seed": "The seed of every sample image, so images of different steps, stages and rounds differ "
+                       "only by the model.",
     },
     "eval": {
         "prompts": "Held-out prompts: a prompt set name or a file.",
