@@ -103,11 +103,13 @@ def _stage_samples_table(samples: list[dict]) -> str:
     for r in samples:
         steps.setdefault(r["step"], []).append(r)
     first = next(iter(steps.values()))
-    head = "".join(f"<th class=l>{esc(r['prompt'])} <span class=muted>(seed {r['seed']})</span></th>" for r in first)
+    head = "".join(f"<th class=l style=\"width:{SAMPLE_WIDTH}px;font-weight:normal\">{esc(r['prompt'])} "
+                   f"<span class=muted>(seed {r['seed']})</span></th>" for r in first)
     rows = []
     for step, made in steps.items():
-        cells = "".join(f"<td><img src=\"{esc(r['path'])}\" alt=\"step {step}: {esc(r['prompt'])}\" "
-                        f"style=\"width:{SAMPLE_WIDTH}px;height:auto;image-rendering:pixelated\"></td>" for r in made)
+        cells = "".join(f"<td class=l><img src=\"{esc(r['path'])}\" alt=\"step {step}: {esc(r['prompt'])}\" "
+                        f"style=\"width:{SAMPLE_WIDTH}px;height:auto;display:block;image-rendering:pixelated\"></td>"
+                        for r in made)
         rows.append(f"<tr><td>{step}</td>{cells}</tr>")
     return f"<table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -123,7 +125,7 @@ def _samples_sections(out_dir: str, rounds: list[RoundRecord]) -> list[str]:
                      _stage_samples_table(samples)]
     if body:
         body.insert(0, "<p>Sample images: what each stage's model (the LoRA in training on top of the running base, "
-                       "and LoRA_1 under stage 2) draws for the same prompts from the same seed every "
+                       "and LoRA_1 under a differential stage 2) draws for the same prompts from the same seed every "
                        "<code>train.sample_every</code> steps and at the stage's last step, at the run's generation "
                        "settings.</p>")
     return body
