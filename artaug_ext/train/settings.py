@@ -134,7 +134,8 @@ class LoRATrainSettings(TrainSettings):
 
     def identity(self) -> dict:
         """What a stage trained with these settings must agree on to be reused or resumed. The
-        DPO stage adds its objective and beta (the other modes' identities are as before)."""
+        DPO stage adds its objective and beta, a stage that makes sample images their settings
+        (the other identities are as before)."""
         own = {k: v for k, v in super().identity().items() if k not in (*self.ROUND, *self.DPO, *self.SAMPLES)}
         if self.mode == "dpo":
             own.update(objective="dpo", dpo_beta=self.dpo_beta)
