@@ -117,6 +117,13 @@ KEY_MEANINGS = {
                      "weight decay.",
         "ema_decay": "An exponential moving average of the LoRA weights, updated after every step with this "
                      "decay in (0, 1), is the stage's LoRA (and its paired gap); left out, the last step's weights.",
+        "sample_every": "Every this many steps of each stage, and at its last step, the LoRA in training draws "
+                        "the sample prompts into the stage's `samples/` folder, shown in `report.html` (0: none; "
+                        "the trained weights are the same either way).",
+        "sample_prompts": "The prompts of the sample images, the same for every stage and round; left out, the "
+                          "first 2 training prompts.",
+        "sample_seed": "The seed of every sample image, so images of different steps, stages and rounds differ "
+                       "only by the model.",
     },
     "eval": {
         "prompts": "Held-out prompts: a prompt set name or a file.",

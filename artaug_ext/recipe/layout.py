@@ -6,6 +6,7 @@ Torch-free, so the CLI, the eval and the run report read a run folder without lo
     rounds/round-01/interact/      the pair dataset (`artaug interact`'s run folder)
     rounds/round-01/cache/         the latent cache
     rounds/round-01/stage1/ stage2/   checkpoints, loss.jsonl, lora.safetensors (or pair-*/)
+    rounds/round-01/stage2/samples/   the stage's sample images and samples.json (train.sample_every)
     rounds/round-01/lora.safetensors, train.json, round.json   (round.json last: the round is done)
     final/lora.safetensors         kohya format (DiffSynth, ComfyUI, diffusers)
     final/lora_diffsynth.safetensors   our training format
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ..files import read_json
 from ..train.loss_log import LOSS_LOG, read_loss_log
+from ..train.samples import SAMPLES_DIR, SAMPLES_FILE, read_samples
 
 RUN_JSON = "run.json"
 ROUND_DONE = "round.json"
@@ -107,4 +109,17 @@ def stage_losses(out_dir: str, round_number: int) -> dict[str, list[float]]:
     for path in sorted(glob.glob(os.path.join(folder, "**", LOSS_LOG), recursive=True)):
         stage = os.path.dirname(path)
         out[os.path.relpath(stage, folder)] = [x["loss"] for x in read_loss_log(stage)]
+    return out
+
+
+def stage_samples(out_dir: str, round_number: int) -> dict[str, list[dict]]:
+    """The sample images of a round's stages ({stage folder relative to the round: its samples,
+    each with `path`, the image relative to the run folder}), for reports."""
+    folder = round_dir(out_dir, round_number)
+    out = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "**", SAMPLES_DIR, SAMPLES_FILE), recursive=True)):
+        stage = os.path.dirname(os.path.dirname(path))
+        out[os.path.relpath(stage, folder)] = [
+            {**r, "path": os.path.relpath(os.path.join(stage, SAMPLES_DIR, r["file"]), out_dir)}
+            for r in read_samples(stage)]
     return out

@@ -9,7 +9,9 @@ import os
 from ..eval.report import esc, metric_table, page, svg_plot, verdict
 from ..eval.scoring import SELECTION_LABEL
 from ..files import atomic_write_bytes
-from .layout import MODEL_CARD, RoundRecord, round_dir, stage_losses
+from .layout import MODEL_CARD, RoundRecord, round_dir, stage_losses, stage_samples
+
+SAMPLE_WIDTH = 192  # CSS pixels of a sample image in the report (the file keeps its size)
 
 
 def _round_pictures(out_dir: str, folder: str, max_items: int = 24) -> str:
@@ -95,6 +97,40 @@ def _plots(out_dir: str, rounds: list[RoundRecord]) -> list[str]:
     return ["<h2>Plots</h2>", "<div class=plots>" + "".join(plots) + "</div>"]
 
 
+def _stage_samples_table(samples: list[dict]) -> str:
+    """One stage's sample images: a row per step, a column per sample prompt (with its seed)."""
+    steps: dict[int, list[dict]] = {}
+    for r in samples:
+        steps.setdefault(r["step"], []).append(r)
+    first = next(iter(steps.values()))
+    head = "".join(f"<th class=l style=\"width:{SAMPLE_WIDTH}px;font-weight:normal\">{esc(r['prompt'])} "
+                   f"<span class=muted>(seed {r['seed']})</span></th>" for r in first)
+    rows = []
+    for step, made in steps.items():
+        cells = "".join(f"<td class=l><img src=\"{esc(r['path'])}\" alt=\"step {step}: {esc(r['prompt'])}\" "
+                        f"style=\"width:{SAMPLE_WIDTH}px;height:auto;display:block;image-rendering:pixelated\"></td>"
+                        for r in made)
+        rows.append(f"<tr><td>{step}</td>{cells}</tr>")
+    return f"<table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _samples_sections(out_dir: str, rounds: list[RoundRecord]) -> list[str]:
+    """Per round and stage, the images its LoRA in training drew for the fixed sample prompts
+    and seed ([train] sample_every), by step; nothing when the run made none."""
+    body = []
+    for rec in rounds:
+        stages = {stage: samples for stage, samples in stage_samples(out_dir, rec.round).items() if samples}
+        for stage, samples in stages.items():
+            body += [f"<h2>Round {rec.round}, {esc(stage)}: sample images during training</h2>",
+                     _stage_samples_table(samples)]
+    if body:
+        body.insert(0, "<p>Sample images: what each stage's model (the LoRA in training on top of the running base, "
+                       "and LoRA_1 under a differential stage 2) draws for the same prompts from the same seed every "
+                       "<code>train.sample_every</code> steps and at the stage's last step, at the run's generation "
+                       "settings.</p>")
+    return body
+
+
 def _final_section(final: dict) -> list[str]:
     energy = f", retained energy &ge; {final['energy_min']:.4f}" if final.get("rank") else " (the exact sum)"
     return [f"<h2>Final LoRA</h2><p><a href=\"{esc(final['lora'])}\">{esc(final['lora'])}</a> (kohya format: "
@@ -129,6 +165,7 @@ def write_run_report(out_dir: str, summary: dict) -> str:
         body += ["<h2>Held-out check</h2>",
                  f"<p>{esc(check['what'])} <a href=\"{esc(check['report'])}\">Full eval report</a>.</p>",
                  _selection_note(check["result"]), metric_table(check["result"])]
+    body += _samples_sections(out_dir, rounds)
     for rec in rounds:
         folder = round_dir(out_dir, rec.round)
         if os.path.isfile(os.path.join(folder, "interact", "manifest.jsonl")):

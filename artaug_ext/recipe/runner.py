@@ -17,6 +17,7 @@ writes the shared files.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -191,8 +192,7 @@ class RecipeRun:
         from ..interact.manifest import merge_manifests
 
         recipe = self.recipe
-        size = recipe.data.size
-        width, height = (size, size) if isinstance(size, int) else (tuple(size) if size else (None, None))
+        width, height = self._generation_size()
         keep = recipe.filter
         cfg = InteractConfig(
             prompts=recipe.prompts(), model=recipe.run.model, loras=[(p, 1.0) for p in self.round_loras],
@@ -208,6 +208,29 @@ class RecipeRun:
         if self.main:
             merge_manifests(folder)
         self._barrier()
+
+    def _generation_size(self) -> tuple[int | None, int | None]:
+        """(width, height) of the recipe's images ([data] size; (None, None): the model's default)."""
+        size = self.recipe.data.size
+        return (size, size) if isinstance(size, int) else (tuple(size) if size else (None, None))
+
+    def _train_settings(self):
+        """The [train] settings the stages train with, and the sampler that makes their sample
+        images (None: sample_every 0). The sample prompts are resolved here (left out: the first
+        SAMPLE_PROMPTS training prompts), so every stage of every round draws the same prompts
+        from the same seed, at the recipe's generation settings ([data] size, steps, guidance),
+        and each stage's record holds the prompts its images show."""
+        from ..train.samples import StageSampler
+        from ..train.settings import SAMPLE_PROMPTS
+
+        train, data = self.recipe.train, self.recipe.data
+        if not train.sample_every:
+            return train, None
+        settings = dataclasses.replace(train, sample_prompts=list(train.sample_prompts or
+                                                                  self.recipe.prompts()[:SAMPLE_PROMPTS]))
+        width, height = self._generation_size()
+        return settings, StageSampler(self.pipe, settings.sample_prompts, settings.sample_seed, steps=data.steps,
+                                      height=height, width=width, guidance=data.guidance)
 
     def _select_pairs(self, folder: str, round_number: int) -> tuple[list, RoundRecord]:
         """The kept pairs to train on (best `keep_fraction` by gain, at most `max_pairs`) and the round's counts."""
@@ -263,9 +286,11 @@ class RecipeRun:
         from ..files import sha256_file
 
         self.launch.doing = f"the training of round {round_number}"
+        settings, sampler = self._train_settings()
         try:
-            lora = train_round_lora(self.pipe.dit, cache, self.recipe.train, folder, accelerator=self.accelerator,
-                                    progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras])
+            lora = train_round_lora(self.pipe.dit, cache, settings, folder, accelerator=self.accelerator,
+                                    progress=self.progress, base_loras=[sha256_file(p) for p in self.round_loras],
+                                    sampler=sampler)
         except BaseException:
             self.launch.doing = f"{_current_stage(folder)} of round {round_number}"
             raise

@@ -134,15 +134,33 @@ def _check_stage_folder(folder: str, record: dict, ignore: tuple[str, ...] = ())
         raise _refusal(folder, diff)
 
 
+def _sample_hook(sampler, every: int, steps: int, folder: str):
+    """The loop's on_step hook that calls `sampler(folder, step)` every `every` steps and at the
+    stage's last step (None: no sampler, or `every` 0). The loop runs it on the main process
+    only; under DDP the other ranks wait for it at the next collective (the step's agreement or
+    checkpoint barrier), so a sample must take less than the launch's collective timeout."""
+    if sampler is None or every <= 0:
+        return None
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            sampler(folder, step)
+
+    return on_step
+
+
 def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, settings: LoRATrainSettings, folder: str,
                 seed: int, steps: int, accelerator=None, progress: bool = True, *, base_loras=(),
-                lora_1: str | None = None, latents_sha256: dict | None = None) -> dict[str, torch.Tensor]:
+                lora_1: str | None = None, latents_sha256: dict | None = None,
+                sampler=None) -> dict[str, torch.Tensor]:
     """Train one LoRA on the `image_side` images of `cache` on top of the DiT as it is; returns it
     (training format). `base_loras`: the sha256s of the LoRAs merged into the DiT, in order
     (`lora_1`: LoRA_1's, under stage 2). The stage's record is written before it trains; a
     stage folder recorded with anything else is refused, never reused, and one whose
     lora.safetensors exists with the same record is not trained again. The adapters are
-    removed again before returning, so the DiT's module tree is unchanged."""
+    removed again before returning, so the DiT's module tree is unchanged. `sampler(folder,
+    step)`: called every `settings.sample_every` steps and at the last step, on the main process,
+    with the adapters in training injected (`samples.StageSampler`: the stage's sample images)."""
     from safetensors.torch import load_file
 
     cfg = stage_config(cache, image_side, settings, folder, seed, steps, base_loras, lora_1, latents_sha256, progress,
@@ -174,7 +192,8 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
             def get_batch(indices):
                 return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
 
-        result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator)
+        result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator,
+                       on_step=_sample_hook(sampler, settings.sample_every, steps, folder))
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
         with result.ema.applied() if result.ema is not None else contextlib.nullcontext():
@@ -282,7 +301,8 @@ def _check_round_folders(stages: list[_Stage], settings: LoRATrainSettings, base
                              f"{st.folder} to train it again (nothing was changed)")
 
 
-def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, accelerator, progress) -> tuple[dict, dict]:
+def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, accelerator, progress,
+                  sampler=None) -> tuple[dict, dict]:
     """Train a group of stages: one alone (sft), or LoRA_1 on the originals, merged, LoRA_2 on
     the enhanced on top, LoRA_1 unmerged exactly. Returns the last stage's LoRA and the losses."""
     from ..lora import load_lora, unload_lora
@@ -291,18 +311,19 @@ def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, acce
     if len(stages) == 1:
         st = stages[0]
         state = train_stage(dit, st.cache, st.image_side, settings, st.folder, st.seed, st.steps, accelerator, progress,
-                            base_loras=base_loras, latents_sha256=latents)
+                            base_loras=base_loras, latents_sha256=latents, sampler=sampler)
         return state, {os.path.basename(st.folder): _losses(st.folder)}
     first, second = stages
     lora1 = train_stage(dit, first.cache, first.image_side, settings, first.folder, first.seed, first.steps,
-                        accelerator, progress, base_loras=base_loras, latents_sha256=latents)
+                        accelerator, progress, base_loras=base_loras, latents_sha256=latents, sampler=sampler)
     lora1_sha = sha256_file(os.path.join(first.folder, LORA_FILE))
     # our exact merge (fp32 accumulation, one rounding, a host backup); on a quantised base,
     # LoRA_1 is hot-loaded instead: frozen and active under LoRA_2, applied at every forward
     report = load_lora(dit, lora1)
     try:
         lora2 = train_stage(dit, second.cache, second.image_side, settings, second.folder, second.seed, second.steps,
-                            accelerator, progress, base_loras=base_loras, lora_1=lora1_sha, latents_sha256=latents)
+                            accelerator, progress, base_loras=base_loras, lora_1=lora1_sha, latents_sha256=latents,
+                            sampler=sampler)
     finally:
         unload_lora(dit, report.handle)  # bit-exact restore of the base
     for st in stages:
@@ -311,10 +332,11 @@ def _train_stages(dit, stages: list[_Stage], settings, base_loras, latents, acce
 
 
 def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATrainSettings, folder: str,
-                     accelerator=None, progress: bool = True, base_loras=()) -> RoundLoRA:
+                     accelerator=None, progress: bool = True, base_loras=(), sampler=None) -> RoundLoRA:
     """The round's LoRA in `settings.mode`, written to `{folder}/lora.safetensors`.
     `base_loras`: the sha256s of the LoRAs merged into `dit` (the running base's round LoRAs),
-    part of every stage's identity. Every stage folder already there is checked first."""
+    part of every stage's identity. Every stage folder already there is checked first.
+    `sampler`: every stage's sample images (`train_stage`; None: none)."""
     from ..lora import combine_loras
 
     settings.validate()
@@ -329,12 +351,14 @@ def train_round_lora(dit: torch.nn.Module, cache: LatentCache, settings: LoRATra
     info: dict = {"mode": settings.mode, "pairs": len(cache), "settings": asdict(settings), "base_loras": base_loras}
     main = accelerator is None or accelerator.is_main_process
     if settings.mode != "per-pair":
-        state, info["losses"] = _train_stages(dit, groups[0], settings, base_loras, latents, accelerator, progress)
+        state, info["losses"] = _train_stages(dit, groups[0], settings, base_loras, latents, accelerator, progress,
+                                              sampler)
         info["gaps"] = {os.path.basename(st.folder): stage_gap(st.folder) for st in groups[0]}
     else:
         per_pair, losses = [], {}
         for pair_id, group in zip(cache.ids, groups, strict=True):
-            lora2, losses[pair_id] = _train_stages(dit, group, settings, base_loras, latents, accelerator, progress)
+            lora2, losses[pair_id] = _train_stages(dit, group, settings, base_loras, latents, accelerator, progress,
+                                                   sampler)
             per_pair.append(lora2)
         target = settings.per_pair_rank or settings.rank
         layers, combined = combine_loras(per_pair, average=True, rank=target)

@@ -17,6 +17,7 @@ FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b
 TIMESTEP_SAMPLING = ("diffsynth", "logit-normal")
 MODES = ("batched", "per-pair", "sft", "dpo")
 SINGLE_STAGE_MODES = ("sft", "dpo")  # one stage, `steps_stage2` steps; no LoRA_1
+SAMPLE_PROMPTS = 2  # train.sample_prompts left out: this many of the recipe's training prompts
 SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("diffsynth", "uniform")  # of timestep_sampling "diffsynth"; "logit-normal" is unweighted
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -129,6 +130,13 @@ class LoRATrainSettings(TrainSettings):
     # DPO). DPO ranks the two images but lets both errors rise (measured on the tiny model);
     # this term holds the preferred image's error down, as SFT on the preferred side does.
     dpo_sft_weight: float = 0.0
+    # Images of the LoRA in training, to watch a stage learn: every `sample_every` steps of each
+    # stage and at its last step, one image per sample prompt, each from `sample_seed` (0: none).
+    # The prompts and seed are fixed, so the images of every stage and round are comparable;
+    # left out, the prompts are the first SAMPLE_PROMPTS of the recipe's training prompts.
+    sample_every: int = 0
+    sample_prompts: list[str] | None = None
+    sample_seed: int = 0
 
     RUNTIME = (*TrainSettings.RUNTIME, "gradient_checkpointing")  # the same gradients, less memory
     # Fields that shape the round, not one stage: the mode and the step counts choose which stages
@@ -136,15 +144,22 @@ class LoRATrainSettings(TrainSettings):
     # per_pair_rank only how the LoRA_2s are combined after training.
     ROUND = ("mode", "steps_stage1", "steps_stage2", "per_pair_rank")
     DPO = ("dpo_beta", "dpo_sft_weight")  # of mode dpo only: in the identity of a DPO stage alone
+    # The sample images: they do not change the LoRA, but a stage's samples/ folder is made with
+    # them, so a stage that samples is resumed only with the same ones (one that does not keeps
+    # the identity it had before these keys existed).
+    SAMPLES = ("sample_every", "sample_prompts", "sample_seed")
 
     def identity(self) -> dict:
         """What a stage trained with these settings must agree on to be reused or resumed. The
-        DPO stage adds its objective and beta (the other modes' identities are as before)."""
-        own = {k: v for k, v in super().identity().items() if k not in (*self.ROUND, *self.DPO)}
+        DPO stage adds its objective and beta, a stage that makes sample images their settings
+        (the other identities are as before)."""
+        own = {k: v for k, v in super().identity().items() if k not in (*self.ROUND, *self.DPO, *self.SAMPLES)}
         if self.mode == "dpo":
             own.update(objective="dpo", dpo_beta=self.dpo_beta)
             if self.dpo_sft_weight:  # in the identity when used: a stage without it keeps its identity
                 own["dpo_sft_weight"] = self.dpo_sft_weight
+        if self.sample_every:
+            own.update({k: getattr(self, k) for k in self.SAMPLES})
         return own
 
     def validate(self) -> None:
@@ -177,3 +192,21 @@ class LoRATrainSettings(TrainSettings):
             self._refuse("dpo_sft_weight", "must be 0 (pure DPO) or a positive weight")
         if not _number(self.guidance):
             self._refuse("guidance", "must be a finite number")
+        self._validate_samples()
+
+    def _validate_samples(self) -> None:
+        if self.sample_every < 0:
+            self._refuse("sample_every", "must be 0 (no sample images) or a positive number of steps")
+        if self.sample_prompts is not None:
+            if not self.sample_every:
+                self._refuse("sample_prompts", "is set but train.sample_every is 0, so no image would be made; set "
+                                               "sample_every, or leave sample_prompts out")
+            if not self.sample_prompts:
+                self._refuse("sample_prompts", "is an empty list; give at least one prompt, or leave it out (the "
+                                               f"first {SAMPLE_PROMPTS} training prompts)")
+            blank = next((i for i, p in enumerate(self.sample_prompts) if not (isinstance(p, str) and p.strip())), None)
+            if blank is not None:
+                self._refuse("sample_prompts", f"prompt {blank + 1} is empty (or not text); write a prompt there or "
+                                               "remove it")
+        if not 0 <= self.sample_seed < 2 ** 63:
+            self._refuse("sample_seed", "must be 0 or more and below 2**63")
