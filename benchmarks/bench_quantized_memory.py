@@ -151,7 +151,9 @@ def main(argv=None) -> int:
     unload_lora(pipe, running)
 
     planned = _planned(recipe, size) if not dry else {}
-    rows = {"weights_gib": weights, "generation_peak_gib": generation, "training_peak_gib": training}
+    rows = [{"step": "DiT weights (quantised)", "measured_gib": weights, "planned_gb": planned.get("dit_weights_gb")},
+            {"step": "generation (DiT forward)", "measured_gib": generation, "planned_gb": planned.get("generation_gb")},
+            {"step": "training (stage 2 step)", "measured_gib": training, "planned_gb": planned.get("training_gb")}]
     figures = {}
     if not dry:
         figures = {"generation_measured_over_planned": generation * gib / (planned["generation_gb"] * 1e9),
@@ -159,12 +161,12 @@ def main(argv=None) -> int:
     result = {"name": "quantized_memory", "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
               "torch": torch.__version__, "dry_run": dry, "recipe": os.path.relpath(args.recipe, REPO),
               "quantize": method, "optimizer": t.optimizer, "rank": t.rank, "size": size,
-              "measured": rows, "planned_dit_only_gb": planned, "figures": figures, "loss": float(loss),
+              "rows": rows, "figures": figures, "loss": float(loss.detach()),
               "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({**rows, **figures}))
+    print(json.dumps({"rows": rows, **figures}))
     return 0
 
 

@@ -46,7 +46,10 @@ fi
 # Sized so the whole check stays under 5 minutes on an H100 (each step is also time-boxed).
 GPU_ARGS_bench_attention="--rep-ms 30"
 GPU_ARGS_bench_flux_step="--time-budget 110"
-for bench in bench_lora_merge:lora_merge bench_attention:attention bench_flux_step:flux_step bench_regional:regional; do
+# bench_quantized_memory needs torchao and bitsandbytes there too: carry their wheels in .whl/
+# (`pip download torchao bitsandbytes --no-deps -d .whl`); without them that step fails, named.
+for bench in bench_lora_merge:lora_merge bench_attention:attention bench_flux_step:flux_step bench_regional:regional \
+    bench_quantized_memory:quantized_memory; do
   name=${bench%%:*}
   script=benchmarks/$name.py
   [ -f "$script" ] || continue

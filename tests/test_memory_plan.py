@@ -175,3 +175,21 @@ def test_a_quantised_base_plans_hot_loaded_loras_the_optimiser_and_the_cards_it_
     assert state == pytest.approx(n_lora * (OPTIMIZER_STATE_BYTES["adamw8bit"] - 8 + 4))  # 8-bit moments, + an EMA
     assert "fits 24 GB, 48 GB, 80 GB" in fits(23 * GB) and "fits 48 GB, 80 GB" in fits(26 * GB)
     assert "fits none" in fits(90 * GB)
+
+
+def test_the_24gb_recipe_fits_a_24_gb_card_in_every_stage_and_todays_recipe_does_not():
+    """`recipes/flux_dev_artaug_24gb.toml`: the DiT and text encoders in int8, 8-bit AdamW, the
+    LoRAs hot-loaded: generation and training both under 24 GB (with the CUDA reserve)."""
+    pytest.importorskip("torchao")
+    small = _dry("recipes/flux_dev_artaug_24gb.toml")
+    big = _dry("recipes/flux_dev_artaug.toml")
+
+    def gpu(text):
+        line = next(ln for ln in text.splitlines() if "GPU memory per process:" in ln)
+        gen, train = line.split("GPU memory per process:")[1].split(",")[:2]
+        return float(gen.split()[0]), float(train.split()[0])
+
+    assert "cards: fits 24 GB, 48 GB, 80 GB cards" in small and "cards: fits 48 GB, 80 GB cards" in big
+    assert "DiT quantised torchao_int8_w8a16, text encoders quantized" in small
+    assert max(gpu(small)) + 1.5 <= 24 * 2**30 / 1e9 and max(gpu(big)) > 24
+    assert "LoRA_1 and 1 round LoRA(s) hot-loaded on the GPU" in small and "(adamw8bit)" in small

@@ -99,8 +99,8 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
                         train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
                         batch_size=t.batch_size * (2 if t.mode == "dpo" else 1),
                         gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus,
-                        quantize=r.quantize, text_encoders=r.text_encoders, optimizer=getattr(t, "optimizer", "adamw"),
-                        ema=getattr(t, "ema_decay", None) is not None, hot_loaded_round_loras=r.rounds - 1)
+                        quantize=r.quantize, text_encoders=r.text_encoders, optimizer=t.optimizer,
+                        ema=t.ema_decay is not None, hot_loaded_round_loras=r.rounds - 1)
     except UnknownStorage:
         return [f"memory: no storage figure for the quantisation method {r.quantize!r} (recipe/memory.py, "
                 "QUANT_STORAGE)"]
@@ -124,8 +124,8 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
                      "host and quantises it a layer at a time onto the GPU)")
     lines.append(f"  GPU memory per process: {m.gpu_generation / GB:.1f} GB generation, {m.gpu_training / GB:.1f} GB "
                  f"training (weights {p['weights'] / GB:.1f} GB, LoRA training state "
-                 f"{p['LoRA_2 training state'] / GB:.2f} GB ({getattr(t, 'optimizer', 'adamw')}"
-                 f"{', EMA' if getattr(t, 'ema_decay', None) is not None else ''}), activations "
+                 f"{p['LoRA_2 training state'] / GB:.2f} GB ({t.optimizer}"
+                 f"{', EMA' if t.ema_decay is not None else ''}), activations "
                  f"{p['training activations'] / GB:.1f} GB)")
     lines.append(f"  cards: {fits(max(m.gpu_generation, m.gpu_training))}")
     return lines
