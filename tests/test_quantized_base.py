@@ -192,16 +192,22 @@ def test_both_stages_train_on_the_quantised_base_close_to_the_full_precision_bas
 
 
 def test_a_micro_run_on_a_quantised_base_trains_a_lora_that_loads_into_the_unquantised_model(tmp_path):
+    """The 24 GB path at micro size: an int8 base, 8-bit AdamW, an EMA and sample images."""
+    pytest.importorskip("bitsandbytes")
     import artaug_ext
     from artaug_ext.recipe.runner import run_recipe
 
-    path = micro_recipe(tmp_path / "q.toml", run={"quantize": INT8, "rounds": 1})
+    path = micro_recipe(tmp_path / "q.toml", run={"quantize": INT8, "rounds": 1},
+                        train={"optimizer": "adamw8bit", "ema_decay": 0.9, "sample_every": 2})
     out = tmp_path / "run"
     run_recipe(load_recipe(str(path)), str(out), progress=False)
     for stage in ("stage1", "stage2"):
-        record = json.loads((out / "rounds" / "round-01" / stage / "stage.json").read_text())
-        assert record["base_quantize"] == INT8
-        assert os.path.isfile(out / "rounds" / "round-01" / stage / "lora.safetensors")
+        folder = out / "rounds" / "round-01" / stage
+        record = json.loads((folder / "stage.json").read_text())
+        assert record["base_quantize"] == INT8 and record["optimizer"] == "adamw8bit" and record["ema_decay"] == 0.9
+        assert os.path.isfile(folder / "lora.safetensors")
+        assert sorted(os.listdir(folder / "samples")) == ["samples.json"] + [
+            f"step-{step:06d}-{i:02d}.png" for step in (2, 3) for i in range(2)]
     pipe = artaug_ext.load_pipeline("tiny-random", device="cpu")
     before = np.asarray(artaug_ext.generate(pipe, PROMPT, steps=2, height=64, width=64, progress=False))
     report = artaug_ext.load_lora(pipe, str(out / "final" / "lora.safetensors"))
