@@ -175,7 +175,15 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
     train_steps = stage_steps * (pairs if t.mode == "per-pair" else 1) * t.grad_accum * t.batch_size
     if t.mode == "dpo":  # each sample is a pair: both images forward and backward, and the reference forward
         train_steps *= DPO_SAMPLE_COST
-    round_s = items * item_s / gpus + train_steps * step_s
+    # Sample images (train.sample_every): each stage draws its sample prompts every N steps and at its last
+    stages = (1 if t.mode in SINGLE_STAGE_MODES else 2) * (pairs if t.mode == "per-pair" else 1)
+    samples_s = 0.0
+    if t.sample_every:
+        from ..train.settings import SAMPLE_PROMPTS
+
+        per_stage = -(-max(t.steps_stage1, t.steps_stage2) // t.sample_every) + 1  # at most: every N steps and the last
+        samples_s = stages * per_stage * len(t.sample_prompts or prompts[:SAMPLE_PROMPTS]) * image_s
+    round_s = items * item_s / gpus + train_steps * step_s + samples_s
     total_s = round_s * r.rounds
     lines += ["estimate (assumptions, not measurements of this run):",
               f"  per unit on {device}: {image_s:.3g} s an image, {step_s:.3g} s a training sample at "
@@ -185,7 +193,7 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               f"  per item: {item_s:.1f} s (original + enhanced at {1 + recipe.critic.max_suggestions} prompts a step)",
               f"  trained pairs a round: {pairs} ({_pairs_source(recipe)})",
               f"  per round: {items * item_s / gpus / 3600:.2f} h generation + {train_steps * step_s / 3600:.2f} h "
-              f"training on {gpus} GPU(s)",
+              f"training on {gpus} GPU(s)" + (f" + {samples_s / 3600:.2f} h of sample images" if samples_s else ""),
               f"  training is DDP: each of the {gpus} process(es) runs batch {t.batch_size} x {t.grad_accum} a step, a "
               f"global batch of {gpus * t.batch_size * t.grad_accum}",
               f"  total for {r.rounds} rounds: about {total_s / 3600:.2f} h wall on {gpus} GPU(s) = "
