@@ -214,3 +214,16 @@ def test_a_micro_run_on_a_quantised_base_trains_a_lora_that_loads_into_the_unqua
     assert report.hotloaded == [] and len(report.merged) > 0  # merged exactly into the unquantised model
     after = np.asarray(artaug_ext.generate(pipe, PROMPT, steps=2, height=64, width=64, progress=False))
     assert not np.array_equal(after, before)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8"], "--quantize 'int8' is not a DiffSynth quantisation method"),
+    (["--text-encoders", "quantized"], "--text-encoders quantized needs --quantize METHOD"),
+])
+def test_the_cli_refuses_a_bad_quantisation_in_one_line_before_loading(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "artaug_ext.cli", "generate", "--prompt", PROMPT, "--model",
+                           "tiny-random", "--out", str(tmp_path / "x.png"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=child_env(), timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "x.png").exists()
