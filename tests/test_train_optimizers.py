@@ -281,8 +281,11 @@ def test_the_ema_object_checkpoints_and_refuses_another_decay():
 # --- kill -9 inside a stage with both ----------------------------------------------------------
 
 @pytest.mark.parametrize("pause_at", ["step:5"])  # stage 2's second step (stage 1 has 3): both stages resume
-def test_kill_9_inside_an_adamw8bit_ema_stage_then_resume_gives_the_same_loras(pipe, tmp_path, pause_at):
-    recipe = micro_recipe(tmp_path / "micro.toml", run={"rounds": 1},
+@pytest.mark.parametrize("quantize", [None, "torchao_int8_w8a16"])  # on the int8 base: LoRA_1 hot-loaded under stage 2
+def test_kill_9_inside_an_adamw8bit_ema_stage_then_resume_gives_the_same_loras(pipe, tmp_path, pause_at, quantize):
+    if quantize:
+        pytest.importorskip("torchao")
+    recipe = micro_recipe(tmp_path / "micro.toml", run={"rounds": 1, "quantize": quantize},
                           train={"optimizer": "adamw8bit", "ema_decay": 0.6, "checkpoint_every": 1})
     run_recipe(load_recipe(str(recipe)), str(tmp_path / "ref"), device="cpu", progress=False)
     args = ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu", "--threads", "1", "--no-progress"]
