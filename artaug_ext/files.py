@@ -165,6 +165,12 @@ def atomic_write_json(path: str, obj, shared: bool = False) -> None:
                        shared=shared)
 
 
+def without_defaults(record: dict, defaults: dict) -> dict:
+    """`record` without the keys of `defaults` that hold their default value: settings added
+    after a record's format are written only when set, so records made before them still match."""
+    return {k: v for k, v in record.items() if not (k in defaults and v == defaults[k])}
+
+
 def first_difference(old, new, prefix: str = "") -> str | None:
     """Where two JSON-like values first differ, as "key.subkey[2].name: old -> new" (None if
     equal), recursing into dicts and into lists of equal length; tuples compare as the lists

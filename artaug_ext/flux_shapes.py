@@ -93,9 +93,8 @@ class FluxShapes:
         """The 2-D weights of the linears a LoRA on `targets` (module-name suffixes, as in
         train/settings.py's target_modules) adapts, by module name: what a merge touches."""
         suffixes = tuple(targets)
-        return {name[:-len(".weight")]: shape for name, shape in self.dit().items()
-                if len(shape) == 2 and name.endswith(".weight")
-                and any(name[:-len(".weight")] == s or name[:-len(".weight")].endswith("." + s) for s in suffixes)}
+        return {name: shape for name, shape in self.all_linear_weights().items()
+                if any(name == s or name.endswith("." + s) for s in suffixes)}
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -105,9 +105,7 @@ def load_pipeline(model: str = "tiny", *, model_dir: str | None = None, device: 
     from diffsynth.core import ModelConfig
     from diffsynth.pipelines.flux_image import FluxImagePipeline
 
-    check_text_encoders(text_encoders)
-    if text_encoders == "quantized" and not quantize:
-        raise UsageError("text_encoders 'quantized' needs a quantisation method (quantize=..., --quantize)")
+    check_text_encoders(text_encoders, quantize)
     if quantize:
         check_quantize(quantize, training=False)
     register()

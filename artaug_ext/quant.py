@@ -27,6 +27,9 @@ QUANT_EXTRA = 'pip install -e ".[quant]"'  # the extra that brings every backend
 # Where each DiffSynth backend's package comes from (its import name and how to install it).
 BACKEND_PACKAGES = {"torchao": ("torchao", QUANT_EXTRA), "bitsandbytes": ("bitsandbytes", QUANT_EXTRA)}
 TEXT_ENCODERS = ("resident", "quantized", "offloaded")
+# load_pipeline's settings of a pipeline loaded as before quantisation existed: run records hold
+# these settings only when they differ (files.without_defaults), so older folders still resume.
+UNQUANTIZED = {"quantize": None, "text_encoders": "resident"}
 
 
 def quant_methods() -> dict:
@@ -89,6 +92,11 @@ def quantized_method(module) -> str | None:
     return None if config is None else str(config.method)
 
 
-def check_text_encoders(value: str, what: str = "text_encoders") -> None:
+def check_text_encoders(value: str, quantize: str | None, what: str = "text_encoders",
+                        quantize_what: str = "quantize=METHOD") -> None:
+    """How the text encoders are held: one of TEXT_ENCODERS, and `quantized` only with a method
+    (`what` / `quantize_what` name the option or recipe key in the one-line error)."""
     if value not in TEXT_ENCODERS:
         raise UsageError(f"{what} {value!r}: use one of {', '.join(TEXT_ENCODERS)}")
+    if value == "quantized" and not quantize:
+        raise UsageError(f"{what} quantized needs {quantize_what}")

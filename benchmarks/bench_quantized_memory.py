@@ -32,7 +32,7 @@ def _recipe(path: str):
 def _planned(recipe, size: int) -> dict:
     """The plan's DiT-only GPU terms (weights of the DiT, hot-loaded factors, state, activations)."""
     from artaug_ext.flux_shapes import FLUX_DEV
-    from artaug_ext.recipe.memory import GB, memory_plan, quantized_bytes
+    from artaug_ext.recipe.memory import GB, memory_plan
 
     t, r = recipe.train, recipe.run
     m = memory_plan(FLUX_DEV, targets=t.target_modules, rank=t.rank, dtype_bytes=2, device="cuda", train_px=size,
@@ -40,10 +40,8 @@ def _planned(recipe, size: int) -> dict:
                     gradient_checkpointing=t.gradient_checkpointing, pairs=1, quantize=r.quantize,
                     text_encoders=r.text_encoders, optimizer=t.optimizer, ema=t.ema_decay is not None,
                     hot_loaded_round_loras=1)
-    linears = FLUX_DEV.all_linear_weights()
-    dense = sum(a * b for a, b in linears.values())
-    dit = quantized_bytes(linears, r.quantize) + (FLUX_DEV.dit_params() - dense) * 2
     p = m.parts
+    dit = p["DiT weights"]
     return {"dit_weights_gb": dit / GB,
             "generation_gb": (dit + p["generation activations"] + p["hot-loaded LoRAs (device)"] / 2) / GB,
             "training_gb": (dit + p["LoRA_2 training state"] + p["training activations"]

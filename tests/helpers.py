@@ -144,6 +144,26 @@ def micro_recipe(path, extra: str = "", **tables):
     return path
 
 
+def run_recorded_before(tmp_path, keys: dict[str, tuple[str, ...]]):
+    """A micro run folder (tmp_path/run) whose run.json an artaug-ext without the recipe keys
+    `keys` ({table: (key, ...)}) wrote, and the micro recipe it was written for: (folder, recipe)."""
+    import json
+
+    from artaug_ext.recipe.config import load_recipe
+    from artaug_ext.recipe.runner import _check_run_json
+
+    recipe = load_recipe(str(micro_recipe(tmp_path / "micro.toml")))
+    out = tmp_path / "run"
+    out.mkdir()
+    _check_run_json(str(out), recipe)  # writes the record
+    record = json.loads((out / "run.json").read_text())
+    for table, names in keys.items():
+        for name in names:
+            del record["recipe"][table][name]
+    (out / "run.json").write_text(json.dumps(record))
+    return out, recipe
+
+
 def file_tree(folder) -> dict:
     """{relative path: bytes} of every file under `folder` (bitwise comparisons of run folders)."""
     out = {}

@@ -53,7 +53,7 @@ def _random_lora(dit, rank=4, seed=0) -> dict:
     ({"quantize": "torchao_int8_w8a8"}, "run.quantize 'torchao_int8_w8a8': DiffSynth's torchao backend declares it "
                                         "non-differentiable"),
     ({"text_encoders": "gpu"}, "run.text_encoders 'gpu': use one of resident, quantized, offloaded"),
-    ({"text_encoders": "quantized"}, "('quantized' with run.quantize set)"),
+    ({"text_encoders": "quantized"}, "run.text_encoders quantized needs run.quantize"),
 ])
 def test_a_bad_quantisation_is_one_line_naming_the_key_before_any_model_loads(tmp_path, table, message):
     path = micro_recipe(tmp_path / "r.toml", run=table)

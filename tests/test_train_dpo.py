@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, child_env, kill_when_paused, micro_recipe
+from helpers import REPO, child_env, kill_when_paused, micro_recipe, run_recorded_before
 
 from artaug_ext.errors import UsageError
 from artaug_ext.recipe.config import load_recipe
@@ -229,13 +229,7 @@ def test_a_run_recorded_before_a_key_existed_resumes_at_its_default_and_is_refus
     lacks one still matches the recipe while the recipe holds the key's default."""
     from artaug_ext.recipe.runner import _check_run_json
 
-    recipe = load_recipe(str(micro_recipe(tmp_path / "micro.toml")))
-    out = tmp_path / "run"
-    out.mkdir()
-    _check_run_json(str(out), recipe)  # writes the record
-    record = json.loads((out / "run.json").read_text())
-    del record["recipe"]["train"]["dpo_sft_weight"], record["recipe"]["filter"]["keep"]
-    (out / "run.json").write_text(json.dumps(record))
+    out, recipe = run_recorded_before(tmp_path, {"train": ("dpo_sft_weight",), "filter": ("keep",)})
     _check_run_json(str(out), recipe)  # the defaults: the same run
     assert "keep" not in json.loads((out / "run.json").read_text())["recipe"]["filter"]  # nothing rewritten
     changed = load_recipe(str(micro_recipe(tmp_path / "other.toml", filter={"keep": "enhanced"})))

@@ -17,7 +17,15 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, child_env, kill_when_paused, micro_recipe, start_ranks, wait_ranks
+from helpers import (
+    REPO,
+    child_env,
+    kill_when_paused,
+    micro_recipe,
+    run_recorded_before,
+    start_ranks,
+    wait_ranks,
+)
 from safetensors.torch import load_file
 
 from artaug_ext.cli import main
@@ -324,13 +332,7 @@ def test_two_ranks_with_both_train_the_one_process_loras_of_the_same_global_batc
 def test_a_run_recorded_before_the_keys_existed_resumes_at_their_defaults(tmp_path):
     from artaug_ext.recipe.runner import _check_run_json
 
-    recipe = load_recipe(str(micro_recipe(tmp_path / "micro.toml")))
-    out = tmp_path / "run"
-    out.mkdir()
-    _check_run_json(str(out), recipe)
-    record = json.loads((out / "run.json").read_text())
-    del record["recipe"]["train"]["optimizer"], record["recipe"]["train"]["ema_decay"]
-    (out / "run.json").write_text(json.dumps(record))
+    out, recipe = run_recorded_before(tmp_path, {"train": ("optimizer", "ema_decay")})
     _check_run_json(str(out), recipe)  # the defaults: the same run
     for key, value in (("optimizer", "adamw8bit"), ("ema_decay", 0.9)):
         changed = load_recipe(str(micro_recipe(tmp_path / f"{key}.toml", train={key: value})))

@@ -15,7 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import MICRO_PROMPTS, REPO, child_env, file_tree, kill_when_paused, micro_recipe
+from helpers import (
+    MICRO_PROMPTS,
+    REPO,
+    child_env,
+    file_tree,
+    kill_when_paused,
+    micro_recipe,
+    run_recorded_before,
+)
 from PIL import Image
 
 from artaug_ext.errors import UsageError
@@ -228,14 +236,7 @@ def test_bad_sample_values_are_one_line_naming_the_key_before_any_model_loads(tm
 def test_a_run_recorded_before_the_sample_keys_existed_resumes(tmp_path):
     from artaug_ext.recipe.runner import _check_run_json
 
-    recipe = load_recipe(str(micro_recipe(tmp_path / "micro.toml")))
-    out = tmp_path / "run"
-    out.mkdir()
-    _check_run_json(str(out), recipe)
-    record = json.loads((out / "run.json").read_text())
-    for key in ("sample_every", "sample_prompts", "sample_seed"):
-        del record["recipe"]["train"][key]
-    (out / "run.json").write_text(json.dumps(record))
+    out, recipe = run_recorded_before(tmp_path, {"train": ("sample_every", "sample_prompts", "sample_seed")})
     _check_run_json(str(out), recipe)  # the defaults: the same run
     sampled = load_recipe(str(micro_recipe(tmp_path / "other.toml", train={"sample_every": 2})))
     with pytest.raises(UsageError, match=r"holds a run of another recipe \(recipe\.train\.sample_every"):

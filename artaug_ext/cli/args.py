@@ -84,11 +84,10 @@ def add_quantize_options(p) -> None:
 
 def check_quantize_options(args) -> None:
     """The quantisation options, checked before anything loads (one line naming the option)."""
-    if args.text_encoders == "quantized" and not args.quantize:
-        raise UsageError("--text-encoders quantized needs --quantize METHOD")
-    if args.quantize:
-        from ..quant import check_quantize
+    from ..quant import check_quantize, check_text_encoders
 
+    check_text_encoders(args.text_encoders, args.quantize, "--text-encoders", "--quantize METHOD")
+    if args.quantize:
         check_quantize(args.quantize, training=False, what="--quantize")
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..dist import Collective, lock_folder, process_info
 from ..errors import ArtaugError, FileFormatError, UsageError
-from ..files import atomic_write_bytes, atomic_write_json, first_difference, read_json
+from ..files import atomic_write_bytes, atomic_write_json, first_difference, read_json, without_defaults
+from ..quant import UNQUANTIZED
 from .layout import image_path
 from .prompts import PromptItem
 from .scoring import (
@@ -91,10 +92,7 @@ class EvalConfig:
         d["arms"] = [a.name for a in self.arms]
         for key in ("batch_size", "n_boot", "selection_scorer"):
             d.pop(key)
-        if d["quantize"] is None and d["text_encoders"] == "resident":  # as recorded before these settings existed
-            d.pop("quantize")
-            d.pop("text_encoders")
-        return d
+        return without_defaults(d, UNQUANTIZED)  # as recorded before these settings existed, when unset
 
     def validate(self) -> None:
         if self.seeds <= 0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from ..files import record_settings
+from ..files import record_settings, without_defaults
+from ..quant import UNQUANTIZED
 from .constants import DEFAULT_REGION_SCALE
 from .keep import FilterConfig
 
@@ -36,10 +37,6 @@ class InteractConfig:
     text_encoders: str = "resident"
 
 
-# Settings run.json holds only when they differ from their default (they came after RUN_FORMAT).
-UNRECORDED_DEFAULTS = {"quantize": None, "text_encoders": "resident"}
-
-
 def item_id(prompt_index: int, image_index: int) -> str:
     return f"{prompt_index:05d}-{image_index:02d}"
 
@@ -55,10 +52,7 @@ def run_settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], cri
     d["loras"] = lora_sha
     d["model_sha256"] = model_sha
     d["format"] = RUN_FORMAT
-    for key, default in UNRECORDED_DEFAULTS.items():  # folders made before these settings existed still resume
-        if d[key] == default:
-            d.pop(key)
-    return d
+    return without_defaults(d, UNQUANTIZED)  # they came after RUN_FORMAT: older folders still resume
 
 
 def check_run_json(run_dir: str, settings: dict) -> None:

@@ -287,11 +287,12 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bo
         raise LoRAFormatError(f"the LoRA {name!r} matches no layer of the target "
                               f"({len(state_dict)} keys; formats seen: {sorted(parsed.formats) or 'none'})")
 
+    quantized = _quantized_methods(named, hot_groups)
     handle = LoRAHandle(id=next(_IDS), name=name, undoable=undo)
     try:
         groups = _row_groups(named, merge_groups, alpha)
         merged = _merge(named, groups, handle) if undo else _merge_for_good(named, groups, handle)
-        hotloaded = _hotload(named, hot_groups, alpha, handle)
+        hotloaded = _hotload(named, hot_groups, alpha, handle, quantized)
         for module in handle.modules():
             module.__dict__.setdefault(_STACK_ATTR, []).append(handle)
     except BaseException:
@@ -300,7 +301,7 @@ def load_lora(target, lora, alpha: float = 1.0, *, strict: bool = True, undo: bo
         raise
     report = LoRAReport(merged=merged, hotloaded=hotloaded, skipped=skipped, unmapped=unmapped,
                         seconds=time.perf_counter() - t0, handle=handle, restore_bytes=handle.restore_bytes,
-                        formats=sorted(parsed.formats), quantized=_quantized_methods(named, hot_groups))
+                        formats=sorted(parsed.formats), quantized=quantized)
     if skipped:
         logger.info("%d LoRA layers skipped: %s", len(skipped), _summarise(skipped, 4))
     logger.info("%s", report)
@@ -409,15 +410,15 @@ def _quantized_methods(named, groups) -> list[str]:
                    if getattr(named[comp][""], "quantize_config", None) is not None})
 
 
-def _hotload(named, groups, alpha, handle) -> list[str]:
-    """DiffSynth's hot-loading: one (A, B) pair per layer in the layer's LoRA lists."""
+def _hotload(named, groups, alpha, handle, quantized: list[str]) -> list[str]:
+    """DiffSynth's hot-loading: one (A, B) pair per layer in the layer's LoRA lists.
+    `quantized`: the quantisation methods of the groups' components (`_quantized_methods`)."""
     if not groups:
         return []
-    quantized = _quantized_methods(named, groups)
     if quantized:  # asked for (the base was quantised on purpose): said, not warned
         logger.info("%d layers are quantised (%s): a quantised weight cannot take an exact merge, so the LoRA is "
-                       "hot-loaded there (applied at every forward, exact in the factors)", len(groups),
-                       ", ".join(quantized))
+                    "hot-loaded there (applied at every forward, exact in the factors)", len(groups),
+                    ", ".join(quantized))
     else:
         logger.warning("%d layers are under DiffSynth VRAM management or stored in FP8: the LoRA is hot-loaded "
                        "there (applied at every forward) instead of merged", len(groups))

@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..errors import FileFormatError, UsageError
-from ..quant import TEXT_ENCODERS
+from ..quant import check_text_encoders
 from ..train.settings import LoRATrainSettings, SettingError
 
 if sys.version_info >= (3, 11):
@@ -289,9 +289,8 @@ def _check_values(r: Recipe, where) -> None:
         raise UsageError(f"{where('run', 'rounds')}: run.rounds must be positive")
     if r.run.final_rank is not None and r.run.final_rank <= 0:
         raise UsageError(f"{where('run', 'final_rank')}: run.final_rank must be positive (or left out for the exact sum)")
-    if r.run.text_encoders not in TEXT_ENCODERS or (r.run.text_encoders == "quantized" and not r.run.quantize):
-        raise UsageError(f"{where('run', 'text_encoders')}: run.text_encoders {r.run.text_encoders!r}: use one of "
-                         f"{', '.join(TEXT_ENCODERS)} ('quantized' with run.quantize set)")
+    check_text_encoders(r.run.text_encoders, r.run.quantize, f"{where('run', 'text_encoders')}: run.text_encoders",
+                        "run.quantize")
     if r.run.quantize is not None:
         from ..quant import check_quantize
 

@@ -175,6 +175,7 @@ def memory_plan(shapes: FluxShapes, *, targets, rank: int, dtype_bytes: int, dev
                   + shapes.pooled_dim) * dtype_bytes
     parts = {
         "weights": all_weights,
+        "DiT weights": dit,
         "touched weights": sum(touched),
         "LoRA_1 merge backup": backup,
         "running-base backups": running_base_backups * backup,

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UsageError
+from ..files import without_defaults
 
 # DiffSynth's default FLUX LoRA targets (its FLUX training examples).
 FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b.2", "a_to_out", "b_to_out",
@@ -65,8 +66,7 @@ class TrainSettings:
 
     def identity(self) -> dict:
         """What a checkpoint made with these settings must agree on to be resumed."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in self.RUNTIME and not (k in self.IDENTITY_WHEN_SET and v == self.IDENTITY_WHEN_SET[k])}
+        return without_defaults({k: v for k, v in asdict(self).items() if k not in self.RUNTIME}, self.IDENTITY_WHEN_SET)
 
     def _refuse(self, key: str, why: str):
         raise SettingError(key, f"train.{key} {getattr(self, key)!r}: {why}")
