@@ -23,7 +23,8 @@ from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-QUANT_EXTRA = 'pip install -e ".[quant]"'  # the extra that brings every backend we test (torchao, bitsandbytes)
+# The extra that brings every backend we test (torchao, bitsandbytes) and the 8-bit optimiser.
+QUANT_EXTRA = "pip install -e \".[quant]\" in a checkout, pip install 'artaug-ext[quant]' otherwise"
 # Where each DiffSynth backend's package comes from (its import name and how to install it).
 BACKEND_PACKAGES = {"torchao": ("torchao", QUANT_EXTRA), "bitsandbytes": ("bitsandbytes", QUANT_EXTRA)}
 TEXT_ENCODERS = ("resident", "quantized", "offloaded")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import UsageError
 from ..files import without_defaults
+from ..quant import QUANT_EXTRA
 
 # DiffSynth's default FLUX LoRA targets (its FLUX training examples).
 FLUX_LORA_TARGETS = ("a_to_qkv", "b_to_qkv", "ff_a.0", "ff_a.2", "ff_b.0", "ff_b.2", "a_to_out", "b_to_out",
@@ -100,8 +101,7 @@ class TrainSettings:
         package = OPTIMIZERS[self.optimizer]
         if package is not None and importlib.util.find_spec(package) is None:
             self._refuse("optimizer", f"needs the {package} package, which is not installed; install the quant extra "
-                                      "(pip install -e \".[quant]\" in a checkout, pip install 'artaug-ext[quant]' "
-                                      "otherwise), or use adamw")
+                                      f"({QUANT_EXTRA}), or use adamw")
         if self.ema_decay is not None and not (_number(self.ema_decay) and 0 < self.ema_decay < 1):
             self._refuse("ema_decay", "must be between 0 and 1 (exclusive; e.g. 0.99), or left out for no EMA")
 
