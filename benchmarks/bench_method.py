@@ -69,10 +69,11 @@ HEADLINE = ("fidelity_delta_e", "fidelity_rgb", "fidelity_lighting", "match", "q
 EVAL_SEED = 10_000
 
 
-def training_prompts(n: int) -> list[str]:
+def training_prompts(n: int, objects: tuple[int, ...] = (1, 2, 3)) -> list[str]:
     """Training-grammar captions of one, two and three objects in turn (a third each: the grammar's
     own draw gives mostly one, whose local prompts are all identities), under the held-out set's
-    departures from normal light in turn; none is a held-out combination (`held_out=False`)."""
+    departures from normal light in turn; none is a held-out combination (`held_out=False`).
+    `objects=(2, 3)`: two and three in turn (no one-object scene: its item is never enhanced)."""
     from artaug_ext import scenes
     from artaug_ext.eval.prompts import heldout_lightings
 
@@ -81,7 +82,7 @@ def training_prompts(n: int) -> list[str]:
     while len(out) < n:
         s = scenes.random_scene(20_000 + i, max_objects=3, held_out=False, lighting=lightings[len(out) % len(lightings)])
         i += 1
-        if len(s.objects) == len(out) % 3 + 1 and s.caption not in out:
+        if len(s.objects) == objects[len(out) % len(objects)] and s.caption not in out:
             out.append(s.caption)
     return out
 
@@ -139,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated: more DPO arms on round 1's cache (the run's beta), another sft weight each")
     p.add_argument("--scored-arm", action="store_true",
                    help="(--keep enhanced) also a DPO arm on the pairs the scorer kept")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another LoRA on round 1's cache: the run's training settings with these changed, e.g. "
+                        "'long:steps_stage1=160,steps_stage2=160' (repeatable)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--recipe", default=None,
@@ -157,7 +161,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.train_prompts, args.steps, args.eval_prompts, args.per_pair_pairs = 8, 10, 10, 2
+    args.arms = [parse_arm(p, text) for text in args.arm]
     return args
+
+
+def parse_arm(parser: argparse.ArgumentParser, text: str) -> tuple[str, dict]:
+    """'name:key=value,...' as (name, {key: value}), keys checked against the training settings."""
+    from artaug_ext.train.settings import LoRATrainSettings
+
+    name, _, changes = text.partition(":")
+    fields = {f.name: f.type for f in dataclasses.fields(LoRATrainSettings)}
+    out = {}
+    for item in filter(None, changes.split(",")):
+        key, eq, value = item.partition("=")
+        if not name or not eq or key not in fields:
+            parser.error(f"--arm {text!r}: use NAME:KEY=VALUE,... with keys of [train] ({', '.join(sorted(fields))})")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    if not out:
+        parser.error(f"--arm {text!r}: no change to the run's settings; use NAME:KEY=VALUE,...")
+    return name, out
 
 
 def train_settings(args) -> dict:
@@ -191,16 +219,17 @@ def configuration(args) -> dict:
         extra["dpo_sft_weights"] = args.dpo_sft_weights
     if args.scored_arm:
         extra["scored_arm"] = True
+    arms = {"arms": dict(args.arms)} if args.arms else {}
     if args.recipe:
         from artaug_ext.recipe.config import load_recipe
 
         return {"recipe": load_recipe(args.recipe).to_dict(), "heldout": args.heldout, "eval_prompts": args.eval_prompts,
-                "eval_seeds": args.eval_seeds}
+                "eval_seeds": args.eval_seeds, **arms}
     return {"model": args.model, "size": args.size, "gen_steps": args.gen_steps, "train_prompts": args.train_prompts,
             "rounds": args.rounds, "train": train_settings(args), "heldout": args.heldout,
             "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds, "per_pair": args.per_pair,
             "per_pair_pairs": args.per_pair_pairs if args.per_pair else None,
-            **({"margin": args.margin} if args.margin else {}), **extra}  # the default margin: as the ledger's first entries
+            **({"margin": args.margin} if args.margin else {}), **extra, **arms}  # the default margin: as the ledger's first entries
 
 
 def sft_steps(settings: dict) -> int:
@@ -261,7 +290,13 @@ def train_arms(args, out: str, settings: dict):
     folder = round_dir(os.path.join(out, "run"), 1)
     kept = read_pairs(os.path.join(folder, "interact"))
     records = [os.path.join(folder, stage, STAGE_RECORD) for stage in ("stage1", "dpo", "stage2")]
-    trained = next((read_json(r, "stage record", "")["pairs"] for r in records if os.path.isfile(r)), [])
+    record = next((read_json(r, "stage record", "") for r in records if os.path.isfile(r)), {})
+    trained = record.get("pairs", [])
+    # A run launched on several processes trained at a global batch of batch_size x processes:
+    # the arms trained here (one process) take that global batch, so their compute is the run's.
+    processes = record.get("processes", 1)
+    if processes > 1:
+        settings = {**settings, "batch_size": settings.get("batch_size", LoRATrainSettings().batch_size) * processes}
     every = {q.id: q for q in read_pairs(os.path.join(folder, "interact"), kept_only=False)}
     pairs = [every[i] for i in trained]  # the pairs round 1 trained on, in its order
     chosen = []
@@ -281,6 +316,8 @@ def train_arms(args, out: str, settings: dict):
                 scored = [i for i, q in enumerate(pairs) if q.id in ids]
                 if scored:
                     trainings.append(("dpo-scored", cache.subset(scored), {}))
+        for name, change in args.arms:
+            trainings.append((name, cache, change))
         if args.per_pair:
             chosen = sorted(range(len(pairs)), key=lambda i: -(pairs[i].gain or 0))[:args.per_pair_pairs]
             trainings.append(("per-pair", cache.subset(sorted(chosen)), {"mode": "per-pair", "batch_size": 1}))
