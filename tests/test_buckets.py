@@ -340,7 +340,8 @@ def test_artaug_run_dry_run_refuses_a_bad_size_naming_the_line(tmp_path, capsys)
     assert err.count("\n") == 0 and "sized.tsv:3: line 3: size 64x40" in err and "use 64x48" in err
 
 
-def test_artaug_run_of_a_bucketed_recipe_generates_caches_and_trains_by_bucket(tmp_path, pipe):
+@pytest.mark.slow
+def test_artaug_run_of_a_bucketed_recipe_generates_caches_and_trains_by_bucket(tmp_path):
     """A round whose prompts carry sizes, in this process: items at their buckets, a cache of
     several buckets, stages recorded as batched by bucket, and the run record holding the sizes."""
     from artaug_ext.recipe.config import load_recipe

@@ -138,11 +138,10 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
         raise UsageError("the latent cache needs at least one kept pair")
     first = load_image(pairs[0].original)
     width, height = training_size(first.width, first.height, resolution)
-    info = {"format": CACHE_FORMAT, "model": getattr(pipe, "artaug_model_name", "?"), "width": width, "height": height,
+    # What the latents depend on: the round's one training size, or with buckets the rule (a size a pair)
+    sizes = {"buckets": True, "resolution": resolution} if bucketed else {"width": width, "height": height}
+    info = {"format": CACHE_FORMAT, "model": getattr(pipe, "artaug_model_name", "?"), **sizes,
             "t5_sequence_length": t5_sequence_length, "dtype": str(pipe.torch_dtype)}
-    if bucketed:  # a size a pair: what the latents depend on is the rule, not one size
-        info = {"format": CACHE_FORMAT, "model": info["model"], "buckets": True, "resolution": resolution,
-                "t5_sequence_length": t5_sequence_length, "dtype": info["dtype"]}
     os.makedirs(cache_dir, exist_ok=True)
     _check_info(cache_dir, info)
     mine = [p for i, p in enumerate(pairs) if i % world == rank]
@@ -151,10 +150,11 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
     with torch.no_grad():
         for p in tqdm(todo, desc=f"latent cache rank {rank}", unit="pair", disable=not progress):
             tensors = {}
-            expected = (first.width, first.height)
-            if bucketed:
+            if bucketed:  # the pair's own size, trained at its bucket
                 expected = load_image(p.original).size
-                width, height = training_bucket(*expected, resolution)
+                size = training_bucket(*expected, resolution)
+            else:
+                expected, size = (first.width, first.height), (width, height)
             for image_side in ("original", "enhanced"):
                 image = load_image(getattr(p, image_side))
                 if image.size != expected:
@@ -162,8 +162,8 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
                     raise FileFormatError(getattr(p, image_side), f"size {image.width}x{image.height}, but {whose} "
                                           f"{'is' if bucketed else 'are'} {expected[0]}x{expected[1]}",
                                           "regenerate the pair")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.LANCZOS)
+                if image.size != size:
+                    image = image.resize(size, Image.Resampling.LANCZOS)
                 x = pipe.preprocess_image(image).to(device=pipe.device, dtype=pipe.torch_dtype)
                 latents = pipe.vae_encoder(x)
                 if not torch.isfinite(latents).all():
@@ -176,7 +176,7 @@ def build_cache(pipe, pairs, cache_dir: str, *, t5_sequence_length: int, resolut
             tensors["pooled_prompt_emb"] = enc["pooled_prompt_emb"][0].cpu()
             metadata = {"prompt": p.prompt, "id": p.id}
             if bucketed:
-                metadata.update(width=str(width), height=str(height))
+                metadata.update(width=str(size[0]), height=str(size[1]))
             save_safetensors(tensors, _item_path(cache_dir, p.id), metadata)
     return len(todo)
 
