@@ -3,6 +3,7 @@ rounds) on the same prompts and seeds, scored and laid out like the ArtAug paper
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..errors import UsageError
@@ -21,6 +22,8 @@ from .args import (
     lora_spec,
     positive_int,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -121,13 +124,16 @@ def _no_round(run_dir: str) -> str:
 
 def run(args) -> int:
     from ..cards import card
-    from ..eval.prompts import read_prompt_set
+    from ..eval.prompts import prompt_sizes, read_prompt_set
 
     check_output_dir("--out", args.out)
     arms = arms_from_args(args)
-    prompts = read_prompt_set(args.prompts, limit=args.limit, seed=args.seed)
+    prompts = read_prompt_set(args.prompts, limit=args.limit, seed=args.seed)  # a bad size column is refused here
     size = card(args.model).defaults.size
     width, height = args.size or (size, size)
+    if prompt_sizes(prompts) is not None:
+        logger.warning("%s: its size column is for `artaug interact` and `artaug run`; the eval makes every prompt "
+                       "at %dx%d (--size)", args.prompts, width, height)
     check_image_size(width, height, args.max_pixels, "--size")
     from ..dist import Collective
     from ..eval.run import EVAL_LOCK, EvalConfig, format_table, run_eval

@@ -85,13 +85,14 @@ def add_parsers(sub) -> None:
 def config_from_args(args):
     """The run's InteractConfig, with every check that needs no model done first."""
     from ..cards import card
-    from ..eval.prompts import read_prompt_file
+    from ..eval.prompts import prompt_sizes, read_prompt_file
     from ..interact.config import InteractConfig
     from ..interact.keep import FilterConfig
 
     check_output_dir("--out", args.out)
     check_input_file("--prompts", args.prompts)
-    prompts = [item.prompt for item in read_prompt_file(args.prompts)]
+    items = read_prompt_file(args.prompts)  # a bad size column is refused here, before any model loads
+    prompts = [item.prompt for item in items]
     for path, _ in args.lora:
         check_lora_file("--lora", path)
     size = card(args.model).defaults.size
@@ -111,7 +112,8 @@ def config_from_args(args):
         steps=args.steps, height=height, width=width, seed=args.seed, region_scale=args.region_scale,
         guidance=args.guidance, filter=FilterConfig(margin=args.margin, relative=args.relative_margin,
                                                     alignment_tolerance=args.alignment_tolerance),
-        pictures=not args.no_pictures, quantize=args.quantize, text_encoders=args.text_encoders)
+        pictures=not args.no_pictures, quantize=args.quantize, text_encoders=args.text_encoders,
+        sizes=prompt_sizes(items))
 
 
 def set_threads(threads: int | None, device: str | None) -> None:

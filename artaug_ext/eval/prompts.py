@@ -13,8 +13,11 @@ another extension, by their first line):
     .txt    T2I-CompBench: one prompt a line (category = file name less _val/_train);
             blank lines and lines starting with # are skipped
 
-A prompt without a category gets the file's name as its category. Every problem is raised
-before any image is generated, as one line naming the file (and line) and the fix.
+A prompt without a category gets the file's name as its category. A prompt may carry the size
+its images are made at: a `size` column (WxH, e.g. 1024x768) in .tsv/.csv files, a "size"
+field ("1024x768") or "width" and "height" fields in .jsonl lines (`artaug_ext.buckets`: the
+size is snapped to a bucket under the run's pixel budget). Every problem is raised before any
+image is generated, as one line naming the file (and line) and the fix.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 
+from ..buckets import SizeError, check_size, parse_size
 from ..errors import FileFormatError, UsageError
 from ..files import read_text_lines
 
@@ -71,16 +75,26 @@ FORMATS = (
 # Header names of the prompt and category columns in TSV/CSV files (compared in lower case).
 PROMPT_COLUMNS = ("prompt", "prompts")
 CATEGORY_COLUMN = "category"
+SIZE_COLUMN = "size"  # optional: WxH, the size the prompt's images are made at
 
 
 @dataclass(frozen=True)
 class PromptItem:
     """One evaluation prompt. `scene` is the tiny model's ground truth (an `artaug_ext.scenes.Scene`)
-    for the `tiny-heldout` set, None for text prompt sets; it takes no part in == or hash."""
+    for the `tiny-heldout` set, None for text prompt sets; it takes no part in == or hash.
+    `size`: the (width, height) the file asks for (None: the run's size)."""
 
     prompt: str
     category: str = ""
     scene: object | None = field(default=None, compare=False, repr=False)
+    size: tuple[int, int] | None = None
+
+
+def prompt_sizes(items: list[PromptItem]) -> list[tuple[int, int] | None] | None:
+    """Each item's requested size (None: the run's size), or None when no item carries one (a
+    run without sizes is recorded and made as before sizes existed)."""
+    sizes = [item.size for item in items]
+    return sizes if any(sizes) else None
 
 
 def read_prompt_set(spec: str, limit: int | None = None, seed: int = 0) -> list[PromptItem]:
@@ -259,10 +273,11 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def _collect(path: str, pairs: list[tuple[str, str]], default_category: str) -> list[PromptItem]:
-    """PromptItems of (prompt, category) pairs; empty prompts are dropped (with a warning), an
-    empty category becomes `default_category`."""
-    items = [PromptItem(_clean(p), _clean(c) or default_category) for p, c in pairs if _clean(p)]
+def _collect(path: str, pairs: list[tuple], default_category: str) -> list[PromptItem]:
+    """PromptItems of (prompt, category[, size]) tuples; empty prompts are dropped (with a
+    warning), an empty category becomes `default_category`."""
+    items = [PromptItem(_clean(p), _clean(c) or default_category, size=rest[0] if rest else None)
+             for p, c, *rest in pairs if _clean(p)]
     if len(items) < len(pairs):
         logger.warning("%s: skipped %d empty prompts", path, len(pairs) - len(items))
     return items
@@ -313,8 +328,31 @@ def _read_jsonl(path: str, lines: list[str]) -> list[PromptItem]:
             raise FileFormatError(f"{path}:{n}", f'line {n} is not a JSON object with a "prompt" string',
                                   'write one {"prompt": "..."} object a line')
         category = record.get("tag", record.get("category"))
-        pairs.append((record["prompt"], "" if category is None else str(category)))
+        pairs.append((record["prompt"], "" if category is None else str(category), _jsonl_size(path, n, record)))
     return _collect(path, pairs, _file_name(path))
+
+
+def _size_error(path: str, n: int, e: SizeError) -> FileFormatError:
+    return FileFormatError(f"{path}:{n}", f"line {n}: {e.problem}", e.fix)
+
+
+def _jsonl_size(path: str, n: int, record: dict) -> tuple[int, int] | None:
+    """A .jsonl line's size: "size": "WxH", or "width" and "height" (None: neither)."""
+    has_sides = "width" in record or "height" in record
+    try:
+        if "size" in record:
+            if has_sides:
+                raise SizeError('both "size" and "width"/"height"', 'give one of them')
+            if not isinstance(record["size"], str):
+                raise SizeError(f'"size" is {record["size"]!r}, not text', 'write "size": "1024x768"')
+            return parse_size(record["size"])
+        if has_sides:
+            if "width" not in record or "height" not in record:
+                raise SizeError('only one of "width" and "height"', "give both, or neither")
+            return check_size(record["width"], record["height"])
+    except SizeError as e:
+        raise _size_error(path, n, e) from None
+    return None
 
 
 def _unquote_tsv(field_text: str) -> str:
@@ -364,12 +402,19 @@ def _read_table(path: str, rows: list[tuple[int, list[str]]], sep: str) -> list[
         raise FileFormatError(f"{path}:{header_line}", f"no prompt column in the header (columns found: {found})",
                               f"start the file with a header line such as {example}")
     c = columns.index(CATEGORY_COLUMN) if CATEGORY_COLUMN in columns else None
+    s = columns.index(SIZE_COLUMN) if SIZE_COLUMN in columns else None
     pairs = []
     for n, cells in rows[1:]:
         if len(cells) <= p:
             raise FileFormatError(f"{path}:{n}", f"line {n} has {len(cells)} cells, so no prompt (column {p + 1})",
                                   "give every line the header's columns")
-        pairs.append((cells[p], cells[c] if c is not None and c < len(cells) else ""))
+        size = None
+        if s is not None and s < len(cells) and cells[s].strip():  # an empty cell: the run's size
+            try:
+                size = parse_size(cells[s])
+            except SizeError as e:
+                raise _size_error(path, n, e) from None
+        pairs.append((cells[p], cells[c] if c is not None and c < len(cells) else "", size))
     return _collect(path, pairs, _file_name(path))
 
 

@@ -35,6 +35,14 @@ class InteractConfig:
     pictures: bool = True
     quantize: str | None = None  # a DiffSynth quantisation method for the DiT (load_pipeline's quantize)
     text_encoders: str = "resident"
+    # Per prompt, the (width, height) it asks for (None: the run's size), snapped to a bucket under
+    # the run's pixel budget (`buckets.bucket_size`); None: no prompt asks for a size.
+    sizes: list[tuple[int, int] | None] | None = None
+
+
+# Settings that came after RUN_FORMAT, at their value before they existed: run.json holds them
+# only when they differ, so older folders still resume.
+ADDED_SETTINGS = {**UNQUANTIZED, "sizes": None}
 
 
 def item_id(prompt_index: int, image_index: int) -> str:
@@ -52,7 +60,7 @@ def run_settings(cfg: InteractConfig, model_sha: dict, lora_sha: list[dict], cri
     d["loras"] = lora_sha
     d["model_sha256"] = model_sha
     d["format"] = RUN_FORMAT
-    return without_defaults(d, UNQUANTIZED)  # they came after RUN_FORMAT: older folders still resume
+    return without_defaults(d, ADDED_SETTINGS)
 
 
 def check_run_json(run_dir: str, settings: dict) -> None:

@@ -31,8 +31,9 @@ import time
 
 from PIL import Image
 
+from ..buckets import bucket_size
 from ..dist import Collective, lock_folder
-from ..errors import FileFormatError
+from ..errors import FileFormatError, UsageError
 from ..files import append_line, atomic_write_bytes, json_line, sha256_path
 from ..hub import hash_cache_file
 from .config import INTERACT_LOCK, InteractConfig, check_run_json, item_id, run_settings
@@ -74,6 +75,9 @@ class InteractRun:
         self.height = cfg.height or default_size(cfg.model)
         self.width = cfg.width or default_size(cfg.model)
         self.t5_len = t5_sequence_length(cfg.model)
+        if cfg.sizes is not None and len(cfg.sizes) != len(cfg.prompts):
+            raise UsageError(f"InteractConfig.sizes holds {len(cfg.sizes)} sizes for {len(cfg.prompts)} prompts; "
+                             "give one per prompt (None: the run's size), or sizes=None")
         # One lock on the folder for the whole launch, before anything expensive: a second run
         # of any world size is refused on every rank, naming the process that holds it.
         self.lock = lock_folder(self.run_dir, collective, INTERACT_LOCK)
@@ -154,9 +158,18 @@ class InteractRun:
             if os.path.exists(marker):
                 os.remove(marker)
 
+    def size_of(self, prompt_index: int) -> tuple[int, int]:
+        """(width, height) of a prompt's images: the bucket of the size it asks for under the
+        run's pixel budget (`buckets.bucket_size`), or the run's size."""
+        sizes = self.cfg.sizes
+        if sizes and sizes[prompt_index]:
+            return bucket_size(*sizes[prompt_index], self.width * self.height)
+        return self.width, self.height
+
     def _common(self, prompt_index: int, image_index: int) -> dict:
         seed = self.cfg.seed + prompt_index * self.cfg.images_per_prompt + image_index
-        return dict(seed=seed, steps=self.steps, height=self.height, width=self.width, t5_sequence_length=self.t5_len,
+        width, height = self.size_of(prompt_index)
+        return dict(seed=seed, steps=self.steps, height=height, width=width, t5_sequence_length=self.t5_len,
                     embedded_guidance=self.cfg.guidance)
 
     def generate_original(self, prompt_index: int, image_index: int) -> Image.Image:
@@ -188,7 +201,7 @@ class InteractRun:
         record = {
             "id": iid, "prompt_index": prompt_index, "image_index": image_index, "prompt": prompt, "seed": common["seed"],
             "model": cfg.model, "model_sha256": self.model_sha, "loras": self.lora_sha, "steps": self.steps,
-            "height": self.height, "width": self.width, "critic": cfg.critic,
+            "height": common["height"], "width": common["width"], "critic": cfg.critic,
             "suggestions": [s.to_dict() for s in critique.suggestions], "critic_reason": critique.reason,
             "identity_suggestions": identities,
             "original": f"images/{iid}.original.png", "enhanced": None, "picture": None, "scores": {}, "gain": None,

@@ -124,24 +124,42 @@ class Recipe:
     eval: EvalSection | None = None
     estimate: EstimateSection = field(default_factory=EstimateSection)
     path: str = ""  # the file it was read from (not part of the recipe)
-    _prompts: list[str] | None = field(default=None, repr=False, compare=False)
+    _items: list | None = field(default=None, repr=False, compare=False)  # the prompt file's PromptItems
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("path")
-        d.pop("_prompts")
+        d.pop("_items")
         return d
+
+    def _prompt_items(self) -> list:
+        from ..eval.prompts import PromptItem, read_prompt_set
+
+        if isinstance(self.data.prompts, list):
+            return [PromptItem(str(p)) for p in self.data.prompts]
+        if self._items is None:  # read once: a run asks many times
+            self._items = read_prompt_set(self.prompts_path())
+        return self._items
 
     def prompts(self) -> list[str]:
         """The training prompts: a named prompt set, a prompt file (relative to the recipe, any
         format `artaug eval` reads), or the inline list."""
-        from ..eval.prompts import read_prompt_set
+        return [item.prompt for item in self._prompt_items()]
 
-        if isinstance(self.data.prompts, list):
-            return [str(p) for p in self.data.prompts]
-        if self._prompts is None:  # read once: a run asks many times
-            self._prompts = [item.prompt for item in read_prompt_set(self.prompts_path())]
-        return list(self._prompts)
+    def prompt_sizes(self) -> list[tuple[int, int] | None] | None:
+        """Each training prompt's requested size (a prompt file's `size` column; None: the run's
+        size), or None when no prompt carries one: the run is made as before sizes existed."""
+        from ..eval.prompts import prompt_sizes
+
+        return prompt_sizes(self._prompt_items())
+
+    def generation_size(self) -> tuple[int, int]:
+        """(width, height) of the run's images ([data] size, else the model's default size): the
+        size of prompts without one, and the pixel budget of the buckets of those with one."""
+        from ..cards import card
+
+        size = self.data.size or card(self.run.model).defaults.size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
 
     def prompts_path(self) -> str | None:
         """The prompt set name, or the prompt file's path; None for an inline list."""

@@ -42,9 +42,12 @@ KEY_MEANINGS = {
     },
     "data": {
         "prompts": "The training prompts: a prompt set name (`default/train`, `tiny-heldout-lit/dev`, ...), "
-                   "a file relative to the recipe (any format `artaug eval` reads), or an inline list.",
+                   "a file relative to the recipe (any format `artaug eval` reads), or an inline list. A "
+                   "file's `size` column (WxH) gives a prompt its own size: an aspect-ratio bucket under the "
+                   "pixel budget of `data.size` (docs/recipes.md, aspect-ratio buckets).",
         "images_per_prompt": "Images generated per prompt and round, each on its own seed.",
-        "size": "Generation size: N or [width, height], multiples of 16; left out, the model's default.",
+        "size": "Generation size: N or [width, height], multiples of 16; left out, the model's default. With "
+                "prompts that carry sizes, the pixel budget of their buckets.",
         "steps": "Denoising steps of each generation; left out, the model's default.",
         "guidance": "Embedded guidance for generating (training has its own, `train.guidance`).",
         "shuffle_seed_per_round": "New seeds each round (the same prompts, new images); false: every round "
@@ -94,7 +97,8 @@ KEY_MEANINGS = {
         "steps_stage2": "Training steps of stage 2 (LoRA_2 on the enhanced images, LoRA_1 merged), or of the "
                         "one stage of `sft` and `dpo`.",
         "resolution": "Longer side of the training images, a multiple of 16 at most the generation size; "
-                      "left out, as generated.",
+                      "left out, as generated. With prompts that carry sizes, each pair is trained at its "
+                      "bucket under resolution x resolution pixels (the same for square images).",
         "gradient_checkpointing": "Recompute activations in the backward pass: the same gradients, less memory.",
         "timestep_sampling": "`diffsynth` (DiffSynth's FLUX training timesteps and weights) or `logit-normal` "
                              "(unweighted).",

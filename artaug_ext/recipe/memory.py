@@ -126,11 +126,12 @@ def _training_activations(s: FluxShapes, tokens: int, text_tokens: int, dtype_by
     return kept_inputs + max(joint, single)
 
 
-def _generation_activations(s: FluxShapes, tokens: int, text_tokens: int, side_px: int, dtype_bytes: int) -> int:
-    """Bytes alive at once when generating one image: a single block's temporaries, or a VAE block's."""
+def _generation_activations(s: FluxShapes, tokens: int, text_tokens: int, pixels: int, dtype_bytes: int) -> int:
+    """Bytes alive at once when generating one image of `pixels` pixels: a single block's
+    temporaries, or a VAE block's."""
     n = tokens + text_tokens
     dit = n * (2 * s.dim + 3 * s.dim + s.mlp + s.dim + s.mlp) * dtype_bytes  # hidden, qkv+mlp in, attention, mlp out
-    vae = VAE_LIVE_MAPS * s.vae_width * side_px * side_px * dtype_bytes
+    vae = VAE_LIVE_MAPS * s.vae_width * pixels * dtype_bytes
     return max(dit, vae)
 
 
@@ -149,11 +150,14 @@ def memory_plan(shapes: FluxShapes, *, targets, rank: int, dtype_bytes: int, dev
                 generate_px: int, text_tokens: int, batch_size: int, gradient_checkpointing: bool, pairs: int,
                 world: int = 1, running_base_backups: int = 0, quantize: str | None = None,
                 text_encoders: str = "resident", optimizer: str = "adamw", ema: bool = False,
-                hot_loaded_round_loras: int = 0) -> MemoryPlan:
+                hot_loaded_round_loras: int = 0, train_pixels: int | None = None,
+                generate_pixels: int | None = None) -> MemoryPlan:
     """The per-process memory of a round: generation (the interaction loop) and training
     (stage 2, where LoRA_1 is merged, or hot-loaded on a quantised base: the peak). `device` is
     "cuda" or "cpu"; `train_px` and `generate_px` are image sides (16 px a token side);
-    `hot_loaded_round_loras`: the running base's round LoRAs (hot-loaded on a quantised base)."""
+    `train_pixels` and `generate_pixels`, when given, the largest image's pixel count instead
+    (W x H: aspect-ratio buckets, `artaug_ext.buckets`); `hot_loaded_round_loras`: the running
+    base's round LoRAs (hot-loaded on a quantised base)."""
     weights = shapes.linear_weights(targets)
     touched = [n_out * n_in * dtype_bytes for n_out, n_in in weights.values()]
     on_gpu = device == "cuda"
@@ -169,9 +173,10 @@ def memory_plan(shapes: FluxShapes, *, targets, rank: int, dtype_bytes: int, dev
     text = _text_encoder_bytes(shapes, dtype_bytes, text_encoders, quantize)
     offloaded = text if text_encoders == "offloaded" else 0
     all_weights = dit + text - offloaded + shapes.vae_params * dtype_bytes
-    train_tokens = (train_px // 16) ** 2
-    gen_tokens = (generate_px // 16) ** 2
-    cache_pair = (2 * shapes.latent_channels * (train_px // 8) ** 2 + text_tokens * shapes.text_dim
+    train_tokens = train_pixels // 256 if train_pixels else (train_px // 16) ** 2
+    gen_tokens = generate_pixels // 256 if generate_pixels else (generate_px // 16) ** 2
+    latent_cells = train_pixels // 64 if train_pixels else (train_px // 8) ** 2
+    cache_pair = (2 * shapes.latent_channels * latent_cells + text_tokens * shapes.text_dim
                   + shapes.pooled_dim) * dtype_bytes
     parts = {
         "weights": all_weights,
@@ -187,7 +192,8 @@ def memory_plan(shapes: FluxShapes, *, targets, rank: int, dtype_bytes: int, dev
         "offloaded text encoders (host)": offloaded,
         "training activations": batch_size * _training_activations(shapes, train_tokens, text_tokens, dtype_bytes,
                                                                    gradient_checkpointing),
-        "generation activations": _generation_activations(shapes, gen_tokens, text_tokens, generate_px, dtype_bytes),
+        "generation activations": _generation_activations(shapes, gen_tokens, text_tokens,
+                                                          generate_pixels or generate_px * generate_px, dtype_bytes),
     }
     hot_train = parts["hot-loaded LoRAs (device)"]
     hot_gen = hot_loaded_round_loras * n_lora * FP32 if quantize else 0

@@ -72,6 +72,29 @@ def _pairs_source(recipe: Recipe) -> str:
     return f"{ASSUMED_KEEP_RATE:.0%} of the items, the authors report 1-2%"
 
 
+def recipe_buckets(recipe: Recipe) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """(the generation buckets, the training buckets) of a recipe whose prompts carry sizes,
+    each sorted by pixel count, largest last (None: no prompt carries a size). Prompts without a
+    size are made at the run's size, which is then a bucket too."""
+    from ..buckets import bucket_size, training_bucket
+
+    sizes = recipe.prompt_sizes()
+    if sizes is None:
+        return None
+    width, height = recipe.generation_size()
+    made = {bucket_size(*s, width * height) if s else (width, height) for s in sizes}
+    trained = {training_bucket(w, h, recipe.train.resolution) for w, h in made}
+
+    def by_area(found):
+        return sorted(found, key=lambda wh: (wh[0] * wh[1], wh))
+
+    return by_area(made), by_area(trained)
+
+
+def _sizes_text(sizes: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{w}x{h}" for w, h in sizes)
+
+
 def _training_line(t) -> str:
     """The [train] settings as the plan states them: the stages the mode trains."""
     if t.mode == "dpo":
@@ -94,9 +117,15 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
         return ["memory: no per-layer shape table for this model (cards.py, `shapes`)"]
     t, r = recipe.train, recipe.run
     side = size if isinstance(size, int) else max(size)
+    buckets = recipe_buckets(recipe)
+    pixels = {}
+    if buckets is not None:  # activations and the cache at the largest bucket
+        made, trained = buckets
+        pixels = {"generate_pixels": made[-1][0] * made[-1][1], "train_pixels": trained[-1][0] * trained[-1][1]}
     try:
         m = memory_plan(c.shapes, targets=t.target_modules, rank=t.rank, dtype_bytes=GPU_DTYPE_BYTES, device="cuda",
-                        train_px=t.resolution or side, generate_px=side, text_tokens=c.defaults.t5_sequence_length,
+                        train_px=t.resolution or side, generate_px=side, **pixels,
+                        text_tokens=c.defaults.t5_sequence_length,
                         batch_size=t.batch_size * (2 if t.mode == "dpo" else 1),
                         gradient_checkpointing=t.gradient_checkpointing, pairs=pairs, world=gpus,
                         quantize=r.quantize, text_encoders=r.text_encoders, optimizer=t.optimizer,
@@ -114,7 +143,11 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
         lora_1 = (f"LoRA_1's merge backup: {p['LoRA_1 merge backup'] / GB:.1f} GB pinned for the "
                   f"{p['touched weights'] / GB:.1f} GB of weights it touches, as torch's pinned allocator rounds "
                   "each tensor up to a power of two")
-    lines = [f"memory (counted from {c.name}'s per-layer shapes on CUDA, {base}; beyond the runtime):",
+    at = ""
+    if buckets is not None:
+        at = (f"; at the largest buckets: {made[-1][0]}x{made[-1][1]} generated, "
+              f"{trained[-1][0]}x{trained[-1][1]} trained")
+    lines = [f"memory (counted from {c.name}'s per-layer shapes on CUDA, {base}{at}; beyond the runtime):",
              f"  host memory per process: {m.host_generation / GB:.1f} GB generation, {m.host_training / GB:.1f} GB "
              f"training ({lora_1}; the latent cache {p['latent cache (host)'] / GB:.2f} GB"
              + (f"; the offloaded text encoders {p['offloaded text encoders (host)'] / GB:.1f} GB" if
@@ -129,6 +162,17 @@ def _memory_lines(recipe: Recipe, c, size, pairs: int, gpus: int) -> list[str]:
                  f"{p['training activations'] / GB:.1f} GB)")
     lines.append(f"  cards: {fits(max(m.gpu_generation, m.gpu_training))}")
     return lines
+
+
+def _bucket_lines(recipe: Recipe) -> list[str]:
+    buckets = recipe_buckets(recipe)
+    if buckets is None:
+        return []
+    made, trained = buckets
+    width, height = recipe.generation_size()
+    return [f"  buckets (prompts with a size, at most {width}x{height} = {width * height} pixels): {len(made)} "
+            f"generated ({_sizes_text(made)}), {len(trained)} trained ({_sizes_text(trained)}); a training batch "
+            "holds one bucket"]
 
 
 def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str:
@@ -147,6 +191,7 @@ def describe(recipe: Recipe, model_dir: str | None = None, gpus: int = 1) -> str
               f"  images {size if isinstance(size, int) else 'x'.join(map(str, size))} px, {steps} steps; each item: "
               f"an original, a critique (<= {recipe.critic.max_suggestions} regions) and an enhanced image",
               _training_line(t),
+              *_bucket_lines(recipe),
               f"  final: the sum of the round LoRAs{f', truncated to rank {r.final_rank}' if r.final_rank else ''}"]
     lines += _memory_lines(recipe, c, size, pairs_estimate(recipe, items), gpus)
     est = recipe.estimate

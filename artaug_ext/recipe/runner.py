@@ -53,6 +53,9 @@ def _check_run_json(out_dir: str, recipe: Recipe) -> None:
     """On the main process (it may repair the record): the folder holds a run of this recipe."""
     path = os.path.join(out_dir, RUN_JSON)
     resolved = {"format": RUN_FORMAT, "recipe": recipe.to_dict(), "prompts": recipe.prompts()}
+    sizes = recipe.prompt_sizes()
+    if sizes is not None:  # recorded only when prompts carry sizes: runs without them keep their record
+        resolved["sizes"] = sizes
     problem = _damaged_json(path, "run record")
     if problem and _same_recipe_file(out_dir, recipe):
         logger.warning("%s: %s; the folder's recipe.toml is this recipe: writing it again", path, problem)
@@ -201,7 +204,7 @@ class RecipeRun:
             height=height, width=width, seed=self._round_seed(round_number), region_scale=recipe.enhance.region_scale,
             guidance=recipe.data.guidance, filter=FilterConfig(margin=keep.margin, relative=keep.relative,
                                                                alignment_tolerance=keep.alignment_tolerance),
-            quantize=recipe.run.quantize, text_encoders=recipe.run.text_encoders)
+            quantize=recipe.run.quantize, text_encoders=recipe.run.text_encoders, sizes=recipe.prompt_sizes())
         InteractRun(cfg, folder, pipe=self.pipe, critic=self.critic, scorer=self.scorer, progress=self.progress,
                     collective=self.collective).run()
         self._barrier()
@@ -279,7 +282,8 @@ class RecipeRun:
         cache_dir = os.path.join(folder, "cache")
         self.launch.doing = f"the latent cache of round {round_number}"
         build_cache(self.pipe, pairs, cache_dir, t5_sequence_length=t5_sequence_length(self.recipe.run.model),
-                    resolution=self.recipe.train.resolution, rank=self.rank, world=self.world, progress=self.progress)
+                    resolution=self.recipe.train.resolution, bucketed=self.recipe.prompt_sizes() is not None,
+                    rank=self.rank, world=self.world, progress=self.progress)
         self._barrier()
         cache = load_cache(cache_dir, [p.id for p in pairs])
         logger.info("round %d: training the %s differential LoRA", round_number, self.recipe.train.mode)

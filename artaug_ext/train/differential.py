@@ -57,6 +57,7 @@ GAP_FILE = "gap.json"  # a stage's paired gap before and after it trained
 # state, so gaps are comparable; the first GAP_PAIRS pairs, GAP_DRAWS draws each.
 GAP_SEED, GAP_PAIRS, GAP_DRAWS = 2412_12888, 64, 2
 PAIRS_SIDE = "pairs"  # the image side of a DPO stage: both images of each pair
+BUCKET_BATCHES = "one bucket each"  # a stage identity's "batches" where pairs come in several sizes
 
 
 @dataclass
@@ -93,15 +94,18 @@ def stage_config(cache: LatentCache, image_side: str, settings: LoRATrainSetting
     holds everything the stage's LoRA depends on: every training setting, the step count, the
     images (side, pair ids in order, each pair's cached tensors' sha256), the base it trains
     on top of (the sha256s of the LoRAs merged into the DiT; `lora_1`: stage 2's LoRA_1) and
-    the number of processes (the global batch and each sample's position depend on it), and the
+    the number of processes (the global batch and each sample's position depend on it), the
     quantisation of the base when it is quantised (`base_quantize`, absent otherwise: the
-    identities of stages on an unquantised base are what they were)."""
+    identities of stages on an unquantised base are what they were), and, for pairs in several
+    buckets, that batches are drawn one bucket each (absent for one bucket: as before buckets)."""
     latents = latents_sha256 if latents_sha256 is not None else cache.pair_sha256s()
     depends_on = {"image_side": image_side, "pairs": list(cache.ids),
                   "pairs_sha256": {pair_id: latents[pair_id] for pair_id in cache.ids},
                   "base_loras": list(base_loras), LORA_1: lora_1, "processes": processes}
     if base_quantize:
         depends_on["base_quantize"] = base_quantize
+    if len(set(cache.buckets())) > 1:
+        depends_on["batches"] = BUCKET_BATCHES
     return TrainConfig(output_dir=folder, steps=steps, settings=dataclasses.replace(settings, seed=seed), log_every=0,
                        progress=progress, depends_on=depends_on)
 
@@ -192,8 +196,10 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
             def get_batch(indices):
                 return {k: v.to(dtype) for k, v in cache.batch(image_side, indices).items()}
 
+        buckets = cache.buckets()
+        by_bucket = {"buckets": buckets} if len(set(buckets)) > 1 else {}  # one bucket: one permutation, as before
         result = train(denoiser, loss_fn, get_batch, len(cache), cfg, accelerator=accelerator,
-                       on_step=_sample_hook(sampler, settings.sample_every, steps, folder))
+                       on_step=_sample_hook(sampler, settings.sample_every, steps, folder), **by_bucket)
         if not result.finished:
             raise RuntimeError(f"{folder}: training stopped at step {result.step} of {steps}")
         with result.ema.applied() if result.ema is not None else contextlib.nullcontext():
@@ -212,12 +218,18 @@ def train_stage(dit: torch.nn.Module, cache: LatentCache, image_side: str, setti
 
 
 def _errors_on(denoiser, cache: LatentCache, objective: FlowMatchObjective, batch_size: int, dtype) -> dict:
-    """Mean error of the originals and of the enhanced images under the fixed paired draws."""
+    """Mean error of the originals and of the enhanced images under the fixed paired draws
+    (in batches of one bucket each)."""
     n = min(len(cache), GAP_PAIRS)
     sums = {"original": 0.0, "enhanced": 0.0}
     jobs = [(i, d) for d in range(GAP_DRAWS) for i in range(n)]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    buckets = cache.buckets()
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(buckets[job[0]], []).append(job)
+    chunks = [group[start:start + batch_size] for _, group in sorted(groups.items())
+              for start in range(0, len(group), batch_size)]
+    for chunk in chunks:
         batch = {k: v.to(dtype) for k, v in cache.pairs_batch([i for i, _ in chunk]).items()}
         rng = SampleRandom(GAP_SEED, [d * GAP_PAIRS + i for i, d in chunk])
         e_orig, e_enh = paired_errors(objective, denoiser, batch, objective.draw(rng, batch["original"]))

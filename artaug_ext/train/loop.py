@@ -3,11 +3,12 @@ checkpoints, exact resume, and a loss log.
 
 Everything random is a function of the seed and of a sample's GLOBAL position in the run
 (step x global batch + index), never of a per-rank generator: the data order is a seeded
-permutation per epoch, and each sample draws its timestep and noise from its own generator
-(`SampleRandom`). So one process and two processes with the same global batch train the same
-weights, and a run killed and resumed ends with the same weights as one that never stopped,
-by construction: a checkpoint holds only the trainable parameters, the optimizer, the LR
-schedule (the fp16 loss scale, the weights' EMA), never the frozen base model.
+permutation per epoch (samples of several sizes: seeded batches of one size each), and each
+sample draws its timestep and noise from its own generator (`SampleRandom`). So one process
+and two processes with the same global batch train the same weights, and a run killed and
+resumed ends with the same weights as one that never stopped, by construction: a checkpoint
+holds only the trainable parameters, the optimizer, the LR schedule (the fp16 loss scale, the
+weights' EMA), never the frozen base model.
 """
 
 from __future__ import annotations
@@ -211,6 +212,53 @@ class EpochPermutation:
                     self.seed * 1_000_003 + epoch))}
             out.append(int(self._cache[epoch][i]))
         return out
+
+
+class BucketBatches:
+    """Deterministic batches of one bucket each (samples of several sizes cannot share a
+    batch): epoch e shuffles each bucket's samples with a generator seeded by (seed, e), cuts
+    them into batches of `batch_size` (a bucket's last batch filled up from the start of its
+    shuffled samples, so every batch is full), and shuffles the epoch's batches with the same
+    generator. Micro-batch k of the run (its position / batch_size) is batch k of that sequence,
+    a function of (seed, k) alone: resumes and process counts see the same batches."""
+
+    def __init__(self, buckets: list, seed: int, batch_size: int):
+        self.seed, self.batch_size = seed, batch_size
+        members: dict = {}
+        for i, key in enumerate(buckets):
+            members.setdefault(key, []).append(i)
+        self.members = [members[key] for key in sorted(members)]
+        self.per_epoch = sum(-(-len(m) // batch_size) for m in self.members)
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for m in self.members:
+                order = [m[int(j)] for j in torch.randperm(len(m), generator=g)]
+                count = -(-len(order) // self.batch_size)
+                filled = [order[j % len(order)] for j in range(count * self.batch_size)]
+                batches += [filled[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
+            self._cache = {epoch: [batches[int(j)] for j in torch.randperm(len(batches), generator=g)]}
+        return self._cache[epoch]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        if start % self.batch_size or count != self.batch_size:
+            raise UsageError(f"bucketed batches are drawn a whole batch at a time (asked for {count} samples at "
+                             f"{start}, batch size {self.batch_size})")
+        epoch, k = divmod(start // self.batch_size, self.per_epoch)
+        return list(self._epoch(epoch)[k])
+
+
+def sample_order(dataset_size: int, seed: int, batch_size: int, buckets: list | None = None):
+    """The run's sample order: an `EpochPermutation` when every sample is in one bucket (or
+    `buckets` is None), else `BucketBatches`."""
+    if buckets is not None and len(buckets) != dataset_size:
+        raise UsageError(f"train: {len(buckets)} bucket keys for {dataset_size} samples; give one a sample")
+    if buckets is None or len(set(buckets)) <= 1:
+        return EpochPermutation(dataset_size, seed)
+    return BucketBatches(buckets, seed, batch_size)
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -453,7 +501,7 @@ def _prepare(model, cfg: TrainConfig, accelerator, extra_state: dict):
     return model, params, optimizer, scheduler, ema, step
 
 
-def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermutation, cfg: TrainConfig, accelerator,
+def _step_loss(model, loss_fn: Callable, get_batch: Callable, order, cfg: TrainConfig, accelerator,
                step: int) -> tuple[float, dict]:
     """Forward and backward over the step's micro-batches (gradients accumulated, synchronised
     on the last); returns the step's loss and the loss function's metrics (averaged), over
@@ -493,7 +541,7 @@ def _step_loss(model, loss_fn: Callable, get_batch: Callable, order: EpochPermut
 
 def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[int]], dict], dataset_size: int,
           cfg: TrainConfig, accelerator=None, on_step: Callable | None = None,
-          extra_state: dict | None = None) -> TrainResult:
+          extra_state: dict | None = None, buckets: list | None = None) -> TrainResult:
     """Train `model`'s trainable parameters for `cfg.steps` optimizer steps.
 
     loss_fn(model, batch, rng) -> scalar loss (or (loss, {name: float}): metrics logged beside
@@ -503,13 +551,15 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     with the run (settings.ema_decay adds the weights' EMA, returned in the result). Resumes
     from the newest checkpoint in `cfg.output_dir` if its settings match. Can run again on the
     same accelerator (stage after stage): each call starts from a clean accelerator and leaves
-    one.
+    one. `buckets`: a hashable key a sample (its size); samples of several keys are batched one
+    key a batch (`BucketBatches`), all of one key as without (`sample_order`).
     """
     from tqdm import tqdm
 
     if dataset_size <= 0:
         raise UsageError("train: the dataset is empty")
     hp = cfg.settings
+    order = sample_order(dataset_size, hp.seed, hp.batch_size, buckets)
     os.makedirs(cfg.output_dir, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
     accelerator.free_memory()  # a previous stage's model and optimizer must not be unscaled or saved again
@@ -522,7 +572,6 @@ def train(model: torch.nn.Module, loss_fn: Callable, get_batch: Callable[[list[i
     if hp.log_with and main:
         accelerator.init_trackers(_tracker_run_name(accelerator, cfg.output_dir),
                                   config={k: v for k, v in cfg.identity().items() if isinstance(v, (int, float, str))})
-    order = EpochPermutation(dataset_size, hp.seed)
     result = TrainResult(step=step, ema=ema)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(cfg.output_dir)}", dynamic_ncols=True,

@@ -117,7 +117,9 @@ class LoRATrainSettings(TrainSettings):
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
     steps_stage1: int = 100
     steps_stage2: int = 100
-    resolution: int | None = None  # longer side of the training images (None: as generated)
+    # Longer side of the training images (None: as generated). Bucketed rounds (prompts with sizes):
+    # each pair at its bucket under resolution**2 pixels (`buckets.training_bucket`; square: the same).
+    resolution: int | None = None
     gradient_checkpointing: bool = False
     timestep_sampling: str = "diffsynth"
     weighting: str = "diffsynth"
