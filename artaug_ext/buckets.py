@@ -82,7 +82,6 @@ def bucket_size(width: int, height: int, area: int) -> tuple[int, int]:
     return best
 
 
-
 def training_bucket(width: int, height: int, resolution: int | None) -> tuple[int, int]:
     """The size a bucketed pair generated at width x height is trained at: its bucket under a
     budget of `resolution` squared pixels (None: as generated). For a square image this is
