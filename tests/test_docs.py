@@ -54,7 +54,8 @@ OTHER_OPTIONS = {
     "--split": "benchmarks/bench_method.py", "--full-res": "benchmarks/bench_method.py",
     **{opt: "benchmarks/bench_method.py" for opt in (
         "--mode", "--keep", "--rounds", "--train-prompts", "--lr", "--dpo-beta", "--dpo-betas", "--dpo-sft-weight",
-        "--dpo-sft-weights", "--scored-arm", "--recipe", "--prior-dev-configs")},
+        "--dpo-sft-weights", "--scored-arm", "--recipe", "--prior-dev-configs", "--arm")},
+    "--items": "benchmarks/bench_interact.py",
     "--heldout": "benchmarks/critic_on_renders.py", "--multi": "benchmarks/critic_on_renders.py",
     "--finetune-dit": "recipes/train_tiny.py", "--strict": "mkdocs build", "--check": "docs/gen_recipe_keys.py",
 }

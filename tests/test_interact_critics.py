@@ -101,6 +101,7 @@ class FakeServer:
                     status, content, delay = server.script.pop(0) if server.script else server.default
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
                 try:
                     time.sleep(delay)
                     if callable(content):
@@ -108,6 +109,11 @@ class FakeServer:
                     payload = (json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
                                if status == 200 else json.dumps({"error": {"message": content}}))
                     data = payload.encode()
+                    # No longer in flight once the answer starts to leave: the client may send its
+                    # next request as soon as it has read it, before this thread goes on.
+                    with server.lock:
+                        server.in_flight -= 1
+                        counted = False
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -116,8 +122,9 @@ class FakeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if counted:
+                        with server.lock:
+                            server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
