@@ -50,22 +50,15 @@ def batch_costs(repeats: int = 3) -> dict:
     """Seconds a sample of one DiT forward (8 steps' worth is 8 of them) and of one VAE decode at
     batch 1, 2, 4, 8, one thread, the tiny model at 256 px."""
     import torch
+    from bench_regional import captured_step
 
     from artaug_ext.pipeline import load_pipeline, t5_sequence_length
 
     torch.set_num_threads(1)
     pipe = load_pipeline("tiny", device="cpu")
-    captured = {}
+    captured = captured_step(pipe, "a large red circle on the left and a small blue square on the right", 256,
+                             t5_sequence_length("tiny"))
     model_fn = pipe.model_fn
-
-    def grab(**kwargs):
-        captured.update(kwargs)
-        return model_fn(**kwargs)
-
-    pipe.model_fn = grab
-    pipe(prompt="a large red circle on the left and a small blue square on the right", seed=0, num_inference_steps=1,
-         height=256, width=256, t5_sequence_length=t5_sequence_length("tiny"), progress_bar_cmd=lambda x: x)
-    pipe.model_fn = model_fn
     out = {"dit": {}, "vae_decode": {}}
     with torch.no_grad():
         for b in (1, 2, 4, 8):
@@ -93,7 +86,9 @@ def main() -> int:
     p.add_argument("--items", type=int, default=48, help="prompts of recipes/tiny_artaug_prompts.txt (one image each)")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args()
-    lines = [x for x in open(PROMPTS, encoding="utf-8").read().splitlines() if x.strip() and not x.startswith("#")]
+    from artaug_ext.eval.prompts import read_prompt_file
+
+    lines = [item.prompt for item in read_prompt_file(PROMPTS)]
     if not 2 <= args.items <= len(lines):
         p.error(f"--items {args.items}: use 2 to {len(lines)} (the prompts of {PROMPTS})")
     folder = tempfile.mkdtemp(prefix="bench-interact-prompts-")
